@@ -1,0 +1,1 @@
+"""Shared code for the DeBERTa scripts: export, graph surgery, the plugin reference, runtimes, timing and reports."""

@@ -1,0 +1,141 @@
+"""PyTorch -> ONNX: the seed config, loading a pretrained variant, export with either torch exporter, and the check
+of the exported file against PyTorch under ONNX Runtime CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import transformers
+from transformers import AutoConfig, DebertaV2Config, DebertaV2Model
+
+from . import onnx_io
+from .compare import relative_l2
+from .errors import UserError
+from .inputs import random_inputs
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+OPSET = 18
+INPUT_NAMES = ["input_ids", "attention_mask"]
+EXPORT_TOLERANCE = 1e-5  # relative L2 between PyTorch and ONNX Runtime, fp32
+
+
+def seed_config(seq_len: int) -> DebertaV2Config:
+    """The demo's application config (hidden 384, intermediate 1536, 12 layers, 6 heads, relative span 256,
+    vocabulary 128K) with DeBERTa-v3's log-bucket positions (position_buckets 256, max_relative_positions 512,
+    c2p and p2c), which the plugin computes exactly. `seq_len` is the length the later steps default to."""
+    return DebertaV2Config(
+        vocab_size=128100, hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+        hidden_act="gelu", max_position_embeddings=max(512, seq_len), type_vocab_size=0, layer_norm_eps=1e-7,
+        relative_attention=True, position_buckets=256, max_relative_positions=512, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, share_att_key=True, norm_rel_ebd="layer_norm",
+    )
+
+
+def random_model(config: DebertaV2Config, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return DebertaV2Model(config).eval()
+
+
+def load_variant(variant: str) -> torch.nn.Module:
+    """A Hugging Face model id or a save_pretrained folder, with its weights and its own head."""
+    try:
+        config = AutoConfig.from_pretrained(variant)
+    except Exception as err:
+        raise UserError(f"cannot load a config for --variant {variant!r}: {err}") from err
+    if config.model_type != "deberta-v2":
+        raise UserError(f"--variant {variant!r} is a {config.model_type!r} model, not DebertaV2 (deberta-v2/v3)")
+    arch = (config.architectures or ["DebertaV2Model"])[0]
+    cls = getattr(transformers, arch, None)
+    if cls is None or not arch.startswith("DebertaV2"):
+        cls = DebertaV2Model
+    return cls.from_pretrained(variant).eval()
+
+
+class _TupleOutputs(torch.nn.Module):
+    """Calls the model with named inputs and returns its outputs as a tuple, in a fixed order."""
+
+    def __init__(self, model: torch.nn.Module, output_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.output_names = output_names
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return tuple(out[name] for name in self.output_names)
+
+
+def _output_names(model: torch.nn.Module, feeds: dict) -> list[str]:
+    with torch.no_grad():
+        out = model(**feeds)
+    return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+
+
+def _trace_feeds(config) -> dict:
+    # Trace at a length unlike any other dimension, so no exporter ties the sequence axis to one.
+    seq = min(96, config.max_position_embeddings) if getattr(config, "position_biased_input", True) else 96
+    feeds = random_inputs(2, seq, config.vocab_size, seed=1)
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+
+
+def export(model: torch.nn.Module, exporter: str = DEFAULT_EXPORTER) -> onnx.ModelProto:
+    """Export with dynamic batch and sequence axes; returns the ONNX model in memory."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    feeds = _trace_feeds(model.config)
+    names = _output_names(model, feeds)
+    wrapper = _TupleOutputs(model, names).eval()
+    args = (feeds["input_ids"], feeds["attention_mask"])
+    with torch.no_grad():
+        if exporter == "dynamo":
+            batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2)
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, input_names=INPUT_NAMES, output_names=names, opset_version=OPSET,
+                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), verbose=False)
+            proto = program.model_proto
+        else:
+            axes = {name: {0: "batch", 1: "seq"} for name in INPUT_NAMES}
+            for name, value in zip(names, wrapper(*args)):
+                axes[name] = {ax: ("batch" if ax == 0 else "seq") for ax in range(min(value.dim(), 2))}
+            buffer = io.BytesIO()
+            torch.onnx.export(wrapper, args, buffer, dynamo=False, input_names=INPUT_NAMES, output_names=names,
+                              opset_version=OPSET, dynamic_axes=axes, do_constant_folding=True)
+            proto = onnx.load_from_string(buffer.getvalue())
+    return proto
+
+
+def annotate(proto: onnx.ModelProto, config, seq_len: int, exporter: str) -> None:
+    """Record what the later steps need: the config (for exactness checks), the default length, provenance."""
+    onnx_io.set_meta(proto, onnx_io.META_CONFIG, config.to_json_string(use_diff=False))
+    onnx_io.set_meta(proto, onnx_io.META_SEQ_LEN, str(seq_len))
+    onnx_io.set_meta(proto, "deberta.exporter", exporter)
+    onnx_io.set_meta(proto, "deberta.versions",
+                     json.dumps({"torch": torch.__version__, "transformers": transformers.__version__}))
+
+
+def verify(model: torch.nn.Module, path: str | os.PathLike, batch: int, seq_len: int) -> list[tuple[str, float, float]]:
+    """Run the exported file under ONNX Runtime CPU and PyTorch on the same padded random batch.
+
+    Returns (output name, max absolute difference, relative L2) per output; raises UserError above tolerance."""
+    import onnxruntime as ort
+
+    feeds = random_inputs(batch, seq_len, model.config.vocab_size, seed=2)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    rows = []
+    for meta, value in zip(session.get_outputs(), got):
+        ref = out[meta.name].numpy()
+        rows.append((meta.name, float(np.max(np.abs(value - ref))), relative_l2(value, ref)))
+    bad = [r for r in rows if not (r[2] < EXPORT_TOLERANCE)]
+    if bad:
+        raise UserError(f"exported model differs from PyTorch: {bad[0][0]} relative L2 {bad[0][2]:.3e} "
+                        f"(tolerance {EXPORT_TOLERANCE:g})")
+    return rows
