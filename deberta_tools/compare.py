@@ -33,3 +33,21 @@ def error_row(name: str, value: np.ndarray, ref: np.ndarray) -> ErrorRow:
     if not (np.all(np.isfinite(value)) and np.all(np.isfinite(ref))):
         return ErrorRow(name, float("nan"), float("nan"), float("nan"))
     return ErrorRow(name, float(diff.mean()), float(diff.max()), relative_l2(value, ref))
+
+
+def valid_only(value: np.ndarray, mask: np.ndarray, seq_axes: list[int]) -> np.ndarray:
+    """Zero the padded positions of an output along its sequence axes.
+
+    A padded query row attends uniformly to every key, so its (meaningless) output depends on how far the batch
+    was padded; compare runs that were padded differently (the plugin's multiple of 64) on real tokens only.
+    Outputs with a leading batch*heads axis ([B*H, S, S]) are handled by repeating the mask per head."""
+    value = np.array(value, copy=True)
+    if not seq_axes:
+        return value
+    repeat = value.shape[0] // mask.shape[0]
+    keep = np.repeat(mask.astype(bool), repeat, axis=0)          # [value.shape[0], S]
+    for ax in seq_axes:
+        shape = [1] * value.ndim
+        shape[0], shape[ax] = keep.shape[0], keep.shape[1]
+        value = np.where(keep.reshape(shape), value, 0)
+    return value

@@ -225,47 +225,39 @@ def require_regions(graph: gs.Graph, name: str) -> list[Region]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], seq_len: int, extra_shape_of: list[gs.Tensor] = ()) -> list:
-    """Evaluate tensors of `graph` under ONNX Runtime CPU for a batch of 1 and `seq_len` tokens.
-
-    Constants are returned directly. For `extra_shape_of`, the shapes of those tensors are returned after."""
+def evaluate(graph: gs.Graph, tensors: list[gs.Tensor], dtype, seq_len: int,
+             shapes_of: list[gs.Tensor] = ()) -> list:
+    """Evaluate tensors of `graph` under ONNX Runtime CPU, cast to `dtype`, for a batch of 1 and `seq_len`
+    tokens; then the shapes of `shapes_of`. Constants are returned directly, without running anything."""
     import onnxruntime as ort
 
-    results: list = [None] * (len(tensors) + len(extra_shape_of))
+    results: list = [None] * (len(tensors) + len(shapes_of))
     sub = graph.copy()
     by_name = sub.tensors()
-    outputs, slots = [], []
+    outputs = []
     for i, t in enumerate(tensors):
         value = const_value(t)
         if value is not None:
-            results[i] = value
+            results[i] = value.astype(dtype)
             continue
-        var = by_name[t.name]
-        var.dtype = var.dtype or np.float32
-        outputs.append(var)
-        slots.append(i)
-    for j, t in enumerate(extra_shape_of):
-        shape = sub.layer(op="Shape", inputs=[by_name[t.name]], outputs=[f"__shape_of_{j}"])[0]
-        shape.dtype = np.int64
-        outputs.append(shape)
-        slots.append(len(tensors) + j)
+        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        out = sub.layer(op="Cast", inputs=[by_name[t.name]], outputs=[f"__eval_{i}"], attrs={"to": to})[0]
+        out.dtype = dtype
+        outputs.append((i, out))
+    for j, t in enumerate(shapes_of):
+        out = sub.layer(op="Shape", inputs=[by_name[t.name]], outputs=[f"__eval_shape_{j}"])[0]
+        out.dtype = np.int64
+        outputs.append((len(tensors) + j, out))
     if not outputs:
         return results
-    # Give every output a distinct name: the same tensor may be asked for twice.
-    unique = []
-    for k, var in enumerate(outputs):
-        ident = sub.layer(op="Identity", inputs=[var], outputs=[f"__eval_out_{k}"])[0]
-        ident.dtype = var.dtype
-        unique.append(ident)
-    sub.outputs = unique
+    sub.outputs = [out for _, out in outputs]
     sub.cleanup(remove_unused_graph_inputs=True).toposort()
-    model = gs.export_onnx(sub)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(gs.export_onnx(sub).SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {}
     for inp in session.get_inputs():
-        dtype = np.int64 if "int64" in inp.type else np.int32 if "int32" in inp.type else np.float32
-        feeds[inp.name] = np.ones((1, seq_len), dtype=dtype)
-    for slot, value in zip(slots, session.run(None, feeds)):
+        kind = np.int64 if "int64" in inp.type else np.int32 if "int32" in inp.type else np.float32
+        feeds[inp.name] = np.ones((1, seq_len), dtype=kind)
+    for (slot, _), value in zip(outputs, session.run(None, feeds)):
         results[slot] = value
     return results
 
@@ -286,7 +278,7 @@ def plan(graph: gs.Graph, regions: list[Region], seq_len: int) -> Plan:
     for r in regions:
         scales += [s for _, s in r.scales]
         widths += [r.c2p_data if r.c2p_data is not None else r.p2c_data]
-    evaluated = evaluate(graph, scales, 64, extra_shape_of=widths)
+    evaluated = evaluate(graph, scales, np.float32, 64, shapes_of=widths)
     scale_values, shapes = evaluated[: len(scales)], evaluated[len(scales):]
     kinds = [kind for r in regions for kind, _ in r.scales]
     divisors = [float(np.asarray(v).ravel()[0]) if k == "div" else 1.0 / float(np.asarray(v).ravel()[0])
@@ -313,10 +305,10 @@ def plan(graph: gs.Graph, regions: list[Region], seq_len: int) -> Plan:
             expect.append(True)
     check_len = 4 * span + 64
     try:
-        values = evaluate(graph, tables, check_len)
+        values = evaluate(graph, tables, np.int64, check_len)
     except Exception:
         check_len = seq_len
-        values = evaluate(graph, tables, check_len)
+        values = evaluate(graph, tables, np.int64, check_len)
     rel = np.arange(check_len)[:, None] - np.arange(check_len)[None, :]
     want = plugin.bucket_index(rel, span)
     first_mismatch = None
