@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,11 @@ def export(model: torch.nn.Module, exporter: str = DEFAULT_EXPORTER) -> onnx.Mod
     names = _output_names(model, feeds)
     wrapper = _TupleOutputs(model, names).eval()
     args = (feeds["input_ids"], feeds["attention_mask"])
-    with torch.no_grad():
+    # The exporters warn about tracing details of transformers' code that do not affect this export (the check
+    # against PyTorch afterwards is what counts); keep the user's terminal for our own progress.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("seq", min=2)
             program = torch.onnx.export(

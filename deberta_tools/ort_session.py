@@ -103,5 +103,14 @@ def timed_runner(sess: Session, feeds: dict):
 
 
 def input_vocab(model: onnx.ModelProto, fallback: int = 1000) -> int:
+    """Vocabulary size: from our metadata, else the rows of the embedding table that input_ids index."""
     config = onnx_io.get_config(model)
-    return int(config["vocab_size"]) if config and "vocab_size" in config else fallback
+    if config and "vocab_size" in config:
+        return int(config["vocab_size"])
+    tables = {init.name: init.dims for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
+            dims = tables.get(node.input[0])
+            if dims:
+                return int(dims[0])
+    return fallback
