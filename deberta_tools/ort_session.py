@@ -21,7 +21,7 @@ ORDER = ("tensorrt", "cuda", "cpu")
 class Session:
     session: object          # onnxruntime.InferenceSession
     provider: str            # the provider that runs the model's first node, as ONNX Runtime reports it
-    has_plugin: bool         # plugin model: inputs padded to a multiple of 64, outputs cut back
+    pad: bool                # inputs padded to a multiple of 64 and outputs cut back (plugin models)
     seq_axes: dict           # output name -> sequence axes, for cutting back
     reference: bool          # plugin nodes replaced by the standard-op reference (no TensorRT)
 
@@ -31,11 +31,11 @@ class Session:
 
     def run(self, feeds: dict) -> dict:
         """Run on host arrays; a plugin model gets padded inputs and its outputs cut back."""
-        if self.has_plugin:
+        if self.pad:
             feeds, seq_len = pad_to_multiple(feeds)
         names = [o.name for o in self.session.get_outputs()]
         values = self.session.run(names, feeds)
-        if self.has_plugin:
+        if self.pad:
             values = [cut_back(v, seq_len, self.seq_axes.get(n, [])) for n, v in zip(names, values)]
         return dict(zip(names, values))
 
@@ -47,8 +47,10 @@ def available() -> list[str]:
 
 
 def open_session(path: str | Path, provider: str | None = None, fp16: bool = False,
-                 cache_dir: str | Path | None = None) -> Session:
-    """Open `path` on the requested provider, or the first of TensorRT, CUDA, CPU that this onnxruntime has."""
+                 cache_dir: str | Path | None = None, pad: bool | None = None) -> Session:
+    """Open `path` on the requested provider, or the first of TensorRT, CUDA, CPU that this onnxruntime has.
+
+    `pad` (default: whether the model has plugin nodes) pads inputs to the plugin's multiple of 64."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -79,7 +81,8 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
     options.log_severity_level = 3
     source = model.SerializeToString() if reference or model.ByteSize() < 1_900_000_000 else str(path)
     session = ort.InferenceSession(source, sess_options=options, providers=providers)
-    return Session(session, session.get_providers()[0], has_plugin, onnx_io.sequence_axes(model), reference)
+    return Session(session, session.get_providers()[0], has_plugin if pad is None else pad,
+                   onnx_io.sequence_axes(model), reference)
 
 
 def timed_runner(sess: Session, feeds: dict):
@@ -87,7 +90,7 @@ def timed_runner(sess: Session, feeds: dict):
 
     GPU providers: inputs and outputs bound on the device through IOBinding, so no host copies are timed;
     run_with_iobinding returns after the device work is done."""
-    if sess.has_plugin:
+    if sess.pad:
         feeds, _ = pad_to_multiple(feeds)
     if not sess.on_gpu:
         names = [o.name for o in sess.session.get_outputs()]
