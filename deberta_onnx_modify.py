@@ -9,7 +9,7 @@
 import argparse
 import sys
 
-from deberta_tools import onnx_io, plugin, surgery
+from deberta_tools import onnx_io, plugin, precision, surgery
 from deberta_tools.errors import UserError, run_main
 
 
@@ -26,6 +26,8 @@ def parse_args():
                         help="2 = IPluginV3 (TensorRT >= 10.11, default); 1 = the deprecated IPluginV2DynamicExt")
     parser.add_argument("--seq-len", type=int, help="longest sequence length the plugin must be exact for "
                         "(default: the length recorded at export, else 512)")
+    parser.add_argument("--fp16", action="store_true", help="write fp16 graphs (<stem>_fp16_*.onnx) that keep "
+                        "Softmax, LayerNorm and the position indices in fp32; TensorRT 11 needs them for fp16 engines")
     parser.add_argument("--allow-inexact", action="store_true", help="fuse even where the plugin does not compute "
                         "what the model does (prints a warning; the output changes)")
     return parser.parse_args()
@@ -41,6 +43,10 @@ def main():
         raise UserError("--output names one file but --correctness-check writes two "
                         "(<input>_correctness_check_original.onnx and _plugin.onnx)")
     model = onnx_io.load(args.input)
+    if args.fp16 and precision.graph_precision(model) == "fp16":
+        raise UserError(f"{args.input} is already an fp16 graph; pass the fp32 export")
+    # With --fp16 every name gets _fp16 after the stem: deberta_fp16_plugin.onnx, root ./test/deberta_fp16.
+    root = onnx_io.with_suffix(args.input, "_fp16") if args.fp16 else args.input
     seq_len = args.seq_len or onnx_io.default_seq_len(model)
     fusing = args.plugin or args.correctness_check
     prepared = surgery.prepare(model, args.input, seq_len, need_plan=fusing)
@@ -58,32 +64,32 @@ def main():
         surgery.expose_region_outputs(original, regions)
         surgery.fuse(prepared.graph, prepared.regions, prepared.plan, args.plugin_version)
         surgery.expose_region_outputs(prepared.graph, prepared.regions)
-        items = [(_finish(original, model, None), onnx_io.with_suffix(args.input, "_correctness_check_original"),
+        items = [(_finish(original, model, None, args.fp16), onnx_io.with_suffix(root, "_correctness_check_original"),
                   _check_original),
-                 (_finish(prepared.graph, model, prepared.plan), onnx_io.with_suffix(args.input,
-                  "_correctness_check_plugin"), _check_plugin)]
+                 (_finish(prepared.graph, model, prepared.plan, args.fp16),
+                  onnx_io.with_suffix(root, "_correctness_check_plugin"), _check_plugin)]
         for path in onnx_io.save_many(items):
             print(f"Saved {path}")
         print(f"Fused {len(prepared.regions)} layers")
         return
     if args.plugin:
         surgery.fuse(prepared.graph, prepared.regions, prepared.plan, args.plugin_version)
-        out, check, suffix = _finish(prepared.graph, model, prepared.plan), _check_plugin, "_plugin"
+        out, check, suffix = _finish(prepared.graph, model, prepared.plan, args.fp16), _check_plugin, "_plugin"
     else:
         prepared.graph.cleanup().toposort()
-        out, check, suffix = _finish(prepared.graph, model, None), _check_original, "_original"
-    path = onnx_io.save(out, args.output or onnx_io.with_suffix(args.input, suffix), check=check)
+        out, check, suffix = _finish(prepared.graph, model, None, args.fp16), _check_original, "_original"
+    path = onnx_io.save(out, args.output or onnx_io.with_suffix(root, suffix), check=check)
     if args.plugin:
         print(f"Fused {plugin.count_nodes(out)} layers")
     print(f"Saved {path}")
 
 
-def _finish(graph, like, plan):
+def _finish(graph, like, plan, fp16):
     out = surgery.export_graph(graph, like)
     if plan is not None:
         limit = plan.max_exact_seq_len
         onnx_io.set_meta(out, onnx_io.META_EXACT_SEQ_LEN, "" if limit is None else str(limit))
-    return out
+    return precision.to_fp16(out) if fp16 else out
 
 
 def _check_original(path):

@@ -107,8 +107,10 @@ def export(model: torch.nn.Module, exporter: str = DEFAULT_EXPORTER) -> onnx.Mod
             proto = program.model_proto
         else:
             axes = {name: {0: "batch", 1: "seq"} for name in INPUT_NAMES}
+            seq = args[0].shape[1]
             for name, value in zip(names, wrapper(*args)):
-                axes[name] = {ax: ("batch" if ax == 0 else "seq") for ax in range(min(value.dim(), 2))}
+                # batch first; "seq" only where the traced size is the sequence length (not logits' labels)
+                axes[name] = {0: "batch", **{ax: "seq" for ax in range(1, value.dim()) if value.shape[ax] == seq}}
             buffer = io.BytesIO()
             torch.onnx.export(wrapper, args, buffer, dynamo=False, input_names=INPUT_NAMES, output_names=names,
                               opset_version=OPSET, dynamic_axes=axes, do_constant_folding=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import onnx_io, plugin
+from . import onnx_io, plugin, precision
 from .errors import UserError
 from .inputs import cut_back, pad_to_multiple
 
@@ -60,9 +60,13 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
         raise UserError(f"execution provider {provider!r} is not in this onnxruntime build "
                         f"(it has: {', '.join(choices)}); for GPUs install requirements-gpu.txt")
     chosen = provider or choices[0]
-    if fp16 and chosen != "tensorrt":
-        raise UserError(f"fp16 with ONNX Runtime needs the TensorRT execution provider (its trt_fp16_enable); "
-                        f"the {chosen} provider runs this fp32 graph in fp32: use --test fp32 / --correctness-check fp32")
+    graph = precision.graph_precision(model)
+    if graph == "fp16" and not fp16:
+        raise UserError(f"{path} is an fp16 graph: run it with fp16, or use the fp32 graph for fp32")
+    if fp16 and graph == "fp32" and chosen != "tensorrt":
+        raise UserError(f"{path} is an fp32 graph; on the {chosen} provider fp16 needs an fp16 graph: make one with "
+                        "deberta_onnx_modify.py <model>.onnx --fp16 (the TensorRT provider can also build fp16 "
+                        "from fp32 graphs)")
     has_plugin = plugin.count_nodes(model) > 0
     reference = has_plugin and chosen != "tensorrt"
     if reference:
@@ -72,7 +76,7 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
         cache = Path(cache_dir) if cache_dir else path.with_name(path.stem + "_trt_cache")
         cache.mkdir(parents=True, exist_ok=True)
         providers.append((PROVIDERS["tensorrt"], {
-            "trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_fp16_enable": fp16 and graph == "fp32", "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}))
     if chosen in ("tensorrt", "cuda"):
         providers.append(PROVIDERS["cuda"])

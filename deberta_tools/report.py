@@ -12,7 +12,8 @@ from .timing import Latency
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    return tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4g")
+    """A markdown table; cells are printed as given (format numbers before passing them)."""
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def environment(extra: dict | None = None) -> str:
@@ -27,7 +28,8 @@ def environment(extra: dict | None = None) -> str:
 
 def latency_table(rows: list[tuple[str, Latency]]) -> str:
     return table(["run", "median ms", "mean ms", "p90 ms", "min ms", "runs"],
-                 [[name, lat.median_ms, lat.mean_ms, lat.p90_ms, lat.min_ms, lat.runs] for name, lat in rows])
+                 [[name, f"{lat.median_ms:.3f}", f"{lat.mean_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.min_ms:.3f}",
+                   str(lat.runs)] for name, lat in rows])
 
 
 def correctness_lines(rows: list[ErrorRow]) -> str:
