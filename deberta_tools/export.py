@@ -80,8 +80,9 @@ def _output_names(model: torch.nn.Module, feeds: dict) -> list[str]:
 
 
 def _trace_feeds(config) -> dict:
-    # Trace at a length unlike any other dimension, so no exporter ties the sequence axis to one.
-    seq = min(96, config.max_position_embeddings) if getattr(config, "position_biased_input", True) else 96
+    # Trace at a prime length, unlike any hidden size or head count, so neither the exporter nor the output axis
+    # naming ties the sequence axis to another dimension.
+    seq = min(97, config.max_position_embeddings) if getattr(config, "position_biased_input", True) else 97
     feeds = random_inputs(2, seq, config.vocab_size, seed=1)
     return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
