@@ -41,3 +41,36 @@ def measure(run: Callable[[], object], warmup: int = 10, iterations: int = 100,
         if progress:
             progress(i + 1)
     return Latency.from_samples(samples)
+
+
+def measure_cuda(run: Callable[[], object], stream, warmup: int = 10, iterations: int = 100,
+                 cuda_graph: bool = False, progress: Callable[[int], None] | None = None) -> Latency:
+    """Time an asynchronous `run` on `stream` (torch.cuda.Stream) with a pair of CUDA events per run.
+
+    Runs are queued back to back (no host synchronisation inside the timed loop); the events are read after one
+    final synchronize. With `cuda_graph`, one run is captured into a CUDA graph and its replays are timed."""
+    import torch
+
+    with torch.cuda.stream(stream):
+        for _ in range(max(1, warmup)):
+            run()
+    stream.synchronize()
+    if cuda_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            run()
+        run = graph.replay
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run()
+        stream.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iterations)]
+    with torch.cuda.stream(stream):
+        for i, (start, end) in enumerate(events):
+            start.record(stream)
+            run()
+            end.record(stream)
+            if progress:
+                progress(i + 1)
+    stream.synchronize()
+    return Latency.from_samples([start.elapsed_time(end) for start, end in events])

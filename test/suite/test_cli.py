@@ -156,3 +156,39 @@ def test_tensorrt_script_without_tensorrt(tmp_path):
                                       "--build", "fp16"), code=2)
     assert "requirements-gpu.txt" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_polygraphy_on_the_original_model_agrees_with_our_ort_path(tmp_path, export_cache):
+    """The README's `polygraphy run <model>_original.onnx --onnxrt`, on the same inputs as our ORT session."""
+    import numpy as np
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import save_json
+
+    from deberta_tools import compare
+    from deberta_tools.inputs import random_inputs
+    from deberta_tools.ort_session import open_session
+
+    path, _ = export_cache("v3", "dynamo")
+    work = tmp_path / "p.onnx"
+    work.write_bytes(path.read_bytes())
+    _ok(run_script("deberta_onnx_modify.py", work))
+    original = tmp_path / "p_original.onnx"
+    feeds = random_inputs(2, 128, 500, seed=6)
+    save_json([feeds], tmp_path / "inputs.json")
+    proc = run_script(_polygraphy_script(), "run", original, "--onnxrt", "--load-inputs", tmp_path / "inputs.json",
+                      "--save-outputs", tmp_path / "outputs.json")
+    assert proc.returncode == 0 and "PASSED" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    (runner, iterations), = RunResults.load(str(tmp_path / "outputs.json")).items()
+    theirs = iterations[0]["last_hidden_state"]
+    ours = open_session(original, "cpu").run(feeds)["last_hidden_state"]
+    assert theirs.shape == ours.shape == (2, 128, 64)
+    assert compare.relative_l2(np.asarray(theirs), ours) < 1e-6
+
+
+def _polygraphy_script():
+    """polygraphy's console script in this interpreter's environment (run with this interpreter)."""
+    import shutil
+    import sys
+    from pathlib import Path
+    found = Path(sys.executable).parent / "polygraphy"
+    return found if found.is_file() else shutil.which("polygraphy")
