@@ -67,6 +67,8 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
         raise UserError(f"{path} is an fp32 graph; on the {chosen} provider fp16 needs an fp16 graph: make one with "
                         "deberta_onnx_modify.py <model>.onnx --fp16 (the TensorRT provider can also build fp16 "
                         "from fp32 graphs)")
+    if chosen != "cpu" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()   # CUDA and cuDNN from the nvidia-* pip packages, where the system has none
     has_plugin = plugin.count_nodes(model) > 0
     reference = has_plugin and chosen != "tensorrt"
     if reference:
@@ -79,7 +81,9 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
             "trt_fp16_enable": fp16 and graph == "fp32", "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}))
     if chosen in ("tensorrt", "cuda"):
-        providers.append(PROVIDERS["cuda"])
+        # fp32 means fp32: the CUDA provider otherwise runs MatMul in TF32 on Ampere and newer (4e-4 relative
+        # drift between two equal graphs on an H100, 2026-11-24).
+        providers.append((PROVIDERS["cuda"], {"use_tf32": 0}))
     providers.append(PROVIDERS["cpu"])
     options = ort.SessionOptions()
     options.log_severity_level = 3
