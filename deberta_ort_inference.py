@@ -10,9 +10,8 @@ import argparse
 
 from rich.progress import Progress
 
-from deberta_tools import compare, onnx_io, ort_session, report
-from deberta_tools.errors import UserError, run_main
-from deberta_tools.inputs import random_inputs
+from deberta_tools import compare, inputs, onnx_io, ort_session, report
+from deberta_tools.errors import run_main
 from deberta_tools.timing import measure
 
 
@@ -35,22 +34,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def _inputs(model_path, args):
-    model = onnx_io.load(model_path, load_external_data=False)
-    seq_len = args.seq_len or onnx_io.default_seq_len(model)
-    if args.batch_size < 1 or seq_len < 2:
-        raise UserError("--batch-size must be >= 1 and --seq-len >= 2")
-    limit = onnx_io.get_meta(model, onnx_io.META_EXACT_SEQ_LEN)
-    if limit and seq_len > int(limit):
-        raise UserError(f"{model_path}: the plugin is exact for this model only up to sequence length {limit}, "
-                        f"{seq_len} requested")
-    feeds = random_inputs(args.batch_size, seq_len, ort_session.input_vocab(model), seed=args.seed,
-                          padded=args.batch_size > 1)
-    return feeds, seq_len
-
-
 def run_test(args):
-    feeds, seq_len = _inputs(args.onnx, args)
+    _, feeds, seq_len = inputs.for_model(args.onnx, args.batch_size, args.seq_len, args.seed)
     sess = ort_session.open_session(args.onnx, args.provider, fp16=args.test == "fp16")
     run = ort_session.timed_runner(sess, feeds)
     with Progress(transient=True) as progress:
@@ -64,7 +49,7 @@ def run_test(args):
 
 def run_correctness(args):
     original_path, plugin_path = onnx_io.correctness_pair(args.onnx)
-    feeds, seq_len = _inputs(plugin_path, args)
+    _, feeds, seq_len = inputs.for_model(plugin_path, args.batch_size, args.seq_len, args.seed)
     fp16 = args.correctness_check == "fp16"
     results = []
     for path in (original_path, plugin_path):

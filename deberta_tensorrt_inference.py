@@ -13,10 +13,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from deberta_tools import compare, engine_files, onnx_io, precision, report
+from deberta_tools import compare, engine_files, inputs, onnx_io, precision, report
 from deberta_tools.errors import UserError, run_main
-from deberta_tools.inputs import cut_back, pad_to_multiple, random_inputs
-from deberta_tools.ort_session import input_vocab
+from deberta_tools.inputs import cut_back, pad_to_multiple
 from deberta_tools.plugin import count_nodes
 from deberta_tools.timing import measure_cuda
 
@@ -102,24 +101,13 @@ class Context:
         return self.rt.Engine(path.read_bytes(), str(path))
 
 
-def _feeds(onnx_path: Path, batch: int, seq_len: int | None):
-    model = onnx_io.load(onnx_path, load_external_data=False)
-    seq_len = seq_len or onnx_io.default_seq_len(model)
-    limit = onnx_io.get_meta(model, onnx_io.META_EXACT_SEQ_LEN)
-    if limit and seq_len > int(limit):
-        raise UserError(f"{onnx_path}: the plugin is exact for this model only up to sequence length {limit}, "
-                        f"{seq_len} requested")
-    feeds = random_inputs(batch, seq_len, input_vocab(model), seed=0, padded=batch > 1)
-    return model, feeds, seq_len
-
-
 def run_test(ctx: Context, onnx_path: Path):
     import torch
 
     engine = ctx.load(ctx.engine(onnx_path, ctx.args.test))
     batch = ctx.args.batch[1]
     seq_opt = ctx.args.seq_len[1] if ctx.args.seq_len else None
-    model, feeds, seq_len = _feeds(onnx_path, batch, seq_opt)
+    model, feeds, seq_len = inputs.for_model(onnx_path, batch, seq_opt)
     if count_nodes(model):
         feeds, _ = pad_to_multiple(feeds)
     engine.bind(feeds)
@@ -136,7 +124,7 @@ def run_test(ctx: Context, onnx_path: Path):
 def run_correctness(ctx: Context):
     prec = ctx.args.correctness_check
     original_onnx, plugin_onnx = onnx_io.correctness_pair(ctx.args.onnx)
-    _, feeds, seq_len = _feeds(plugin_onnx, ctx.args.batch[1], ctx.args.seq_len[1] if ctx.args.seq_len else None)
+    _, feeds, seq_len = inputs.for_model(plugin_onnx, ctx.args.batch[1], ctx.args.seq_len[1] if ctx.args.seq_len else None)
     padded, _ = pad_to_multiple(feeds)   # both engines see the plugin's padded inputs
     import torch
 

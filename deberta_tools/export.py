@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import onnx_io
+from .errors import UserError
 from .plugin import SEQ_MULTIPLE
 
 
@@ -35,3 +37,20 @@ def cut_back(array: np.ndarray, seq_len: int, axes: list[int]) -> np.ndarray:
     """Cut the given sequence axes of an output back to seq_len (see onnx_io.sequence_axes)."""
     index = tuple(slice(0, seq_len) if ax in axes else slice(None) for ax in range(array.ndim))
     return array[index]
+
+
+def for_model(model_path, batch: int, seq_len: int | None, seed: int = 0):
+    """Random inputs for the model at `model_path` (padded batch when batch > 1): (model, feeds, seq_len).
+
+    The length defaults to the model's; a length past the plugin's proven-exact one (recorded by the surgery
+    when --allow-inexact fused anyway) is refused."""
+    model = onnx_io.load(model_path, load_external_data=False)
+    seq_len = seq_len or onnx_io.default_seq_len(model)
+    if batch < 1 or seq_len < 2:
+        raise UserError("batch size must be >= 1 and sequence length >= 2")
+    limit = onnx_io.get_meta(model, onnx_io.META_EXACT_SEQ_LEN)
+    if limit and seq_len > int(limit):
+        raise UserError(f"{model_path}: the plugin is exact for this model only up to sequence length {limit}, "
+                        f"{seq_len} requested")
+    feeds = random_inputs(batch, seq_len, onnx_io.vocab_size(model), seed=seed, padded=batch > 1)
+    return model, feeds, seq_len

@@ -125,3 +125,17 @@ def correctness_pair(root: str | os.PathLike) -> tuple[Path, Path]:
         raise UserError(f"correctness-check model(s) not found: {', '.join(missing)}; "
                         f"make them with: python deberta_onnx_modify.py {root}.onnx --correctness-check")
     return pair
+
+
+def vocab_size(model: onnx.ModelProto, fallback: int = 1000) -> int:
+    """Vocabulary size: from our metadata, else the rows of the embedding table that input_ids index."""
+    config = get_config(model)
+    if config and "vocab_size" in config:
+        return int(config["vocab_size"])
+    tables = {init.name: init.dims for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
+            dims = tables.get(node.input[0])
+            if dims:
+                return int(dims[0])
+    return fallback

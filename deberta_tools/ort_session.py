@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-
 from . import onnx_io, plugin, precision
 from .errors import UserError
 from .inputs import cut_back, pad_to_multiple
@@ -111,17 +109,3 @@ def timed_runner(sess: Session, feeds: dict):
     for out in sess.session.get_outputs():
         binding.bind_output(out.name, "cuda", 0)
     return lambda: sess.session.run_with_iobinding(binding)
-
-
-def input_vocab(model: onnx.ModelProto, fallback: int = 1000) -> int:
-    """Vocabulary size: from our metadata, else the rows of the embedding table that input_ids index."""
-    config = onnx_io.get_config(model)
-    if config and "vocab_size" in config:
-        return int(config["vocab_size"])
-    tables = {init.name: init.dims for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
-            dims = tables.get(node.input[0])
-            if dims:
-                return int(dims[0])
-    return fallback

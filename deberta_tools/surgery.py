@@ -327,7 +327,7 @@ def plan(graph: gs.Graph, regions: list[Region], seq_len: int) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------- exactness
-def exactness_problem(plan_: Plan, config: dict | None, seq_len: int, regions: list[Region]) -> str | None:
+def exactness_problem(plan_: Plan, config: dict | None, seq_len: int) -> str | None:
     """None when the plugin computes exactly what the model does up to seq_len; else why not, naming the
     config field and value where the model carries its config."""
     limit = plan_.max_exact_seq_len
@@ -406,7 +406,7 @@ def prepare(model: onnx.ModelProto, name: str, seq_len: int, need_plan: bool) ->
 
 
 def check_exact(prepared: Prepared, config: dict | None, seq_len: int, allow_inexact: bool, warn) -> None:
-    problem = exactness_problem(prepared.plan, config, seq_len, prepared.regions)
+    problem = exactness_problem(prepared.plan, config, seq_len)
     if problem is None:
         return
     if not allow_inexact:

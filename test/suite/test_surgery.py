@@ -5,7 +5,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from conftest import make_model
 from deberta_tools import compare, onnx_io, plugin, surgery
 from deberta_tools.errors import UserError
 from deberta_tools.inputs import random_inputs
@@ -17,7 +16,7 @@ FP32 = compare.TOLERANCE["fp32"]
 def _plugin_model(path, seq_len=256, correctness=False, version="2"):
     model = onnx_io.load(path)
     prepared = surgery.prepare(model, str(path), seq_len, need_plan=True)
-    assert surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), seq_len, prepared.regions) is None
+    assert surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), seq_len) is None
     original = None
     if correctness:
         original = prepared.graph.copy()
@@ -110,9 +109,9 @@ def test_linear_positions_exact_only_for_short_sequences(export_cache):
     # span 64, mid 32: log buckets equal linear ones for |i-j| <= 34 here (exact for S <= first mismatch)
     limit = prepared.plan.max_exact_seq_len
     assert limit is not None and 33 <= limit < 64
-    problem = surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), 256, prepared.regions)
+    problem = surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), 256)
     assert "position_buckets=-1" in problem
-    assert surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), limit, prepared.regions) is None
+    assert surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), limit) is None
 
 
 def test_linear_positions_fused_within_exact_length_equal_original(export_cache, tmp_path):
@@ -132,7 +131,7 @@ def test_max_relative_positions_mismatch_is_named(export_cache):
     path, _ = export_cache("mrp_mismatch", "dynamo")
     model = onnx_io.load(path)
     prepared = surgery.prepare(model, "m", 256, need_plan=True)
-    problem = surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), 256, prepared.regions)
+    problem = surgery.exactness_problem(prepared.plan, onnx_io.get_config(model), 256)
     assert "max_relative_positions=128" in problem and "2*position_buckets=64" in problem
 
 
