@@ -86,7 +86,16 @@ def open_session(path: str | Path, provider: str | None = None, fp16: bool = Fal
     options = ort.SessionOptions()
     options.log_severity_level = 3
     source = model.SerializeToString() if reference or model.ByteSize() < 1_900_000_000 else str(path)
-    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    missing_trt = ("onnxruntime lists the TensorRT provider but could not start it (TensorRT 10 libraries, "
+                   "libnvinfer.so.10, not found?): install requirements-gpu.txt or pass --provider cuda")
+    try:
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as err:
+        if chosen == "tensorrt":
+            raise UserError(f"{missing_trt} ({type(err).__name__}: {str(err)[:200]})") from err
+        raise
+    if chosen == "tensorrt" and session.get_providers()[0] != PROVIDERS["tensorrt"]:
+        raise UserError(missing_trt)
     return Session(session, session.get_providers()[0], has_plugin if pad is None else pad,
                    onnx_io.sequence_axes(model), reference)
 

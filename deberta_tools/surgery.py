@@ -93,6 +93,8 @@ def remove_uint8_casts(graph: gs.Graph) -> int:
         if node.op != "Cast" or node.attrs.get("to") != onnx.TensorProto.UINT8:
             continue
         src, dst = node.inputs[0], node.outputs[0]
+        if src.dtype is not None and np.issubdtype(np.dtype(src.dtype), np.floating):
+            continue  # a float quantised to uint8 is real arithmetic, not a mask; leave it
         for consumer in list(dst.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is dst:
