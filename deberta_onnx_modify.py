@@ -85,7 +85,7 @@ def main():
 
 
 def _finish(graph, like, plan, fp16):
-    out = surgery.export_graph(graph, like)
+    out = onnx_io.from_graph(graph, like)
     if plan is not None:
         limit = plan.max_exact_seq_len
         onnx_io.set_meta(out, onnx_io.META_EXACT_SEQ_LEN, "" if limit is None else str(limit))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from .errors import UserError
 
@@ -63,6 +64,16 @@ def save_many(items: list[tuple[onnx.ModelProto, str | os.PathLike, Callable[[Pa
                 os.replace(tmp_model.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
             os.replace(tmp_model, path)
     return paths
+
+
+def from_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graphsurgeon graph as a model with the IR version and metadata of `like` (graphsurgeon writes its
+    own IR version, newer than onnxruntime 1.31 reads, and drops metadata)."""
+    out = gs.export_onnx(graph)
+    out.ir_version = like.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    return out
 
 
 def get_meta(model: onnx.ModelProto, key: str) -> str | None:

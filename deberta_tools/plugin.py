@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import onnx_io
+
 OP_TYPE = "DisentangledAttention_TRT"
 # Kernel tile: no bounds checks, so sequence lengths must be a multiple of this.
 SEQ_MULTIPLE = 64
@@ -119,11 +121,7 @@ def expand_reference(model: onnx.ModelProto) -> onnx.ModelProto:
     for i, node in enumerate(nodes):
         _replace_node(graph, node, f"dattn_ref{i}")
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    return out
+    return onnx_io.from_graph(graph, model)
 
 
 def count_nodes(model: onnx.ModelProto) -> int:

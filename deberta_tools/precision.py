@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import onnx_io
+from .surgery import const_value, replace_uses
 
 FP16_LOWEST = float(np.finfo(np.float16).min)
 KEEP_FP32_OPS = ["Softmax", "LayerNormalization"]
@@ -28,8 +29,7 @@ def _clamp_mask_constants(graph: gs.Graph) -> int:
         if node.op != "Where":
             continue
         for i, t in enumerate(node.inputs[1:], start=1):
-            value = t.values if isinstance(t, gs.Constant) else (
-                t.inputs[0].attrs["value"].values if t.inputs and t.inputs[0].op == "Constant" else None)
+            value = const_value(t)
             if value is None or value.dtype != np.float32 or value.size != 1 or float(value.ravel()[0]) >= FP16_LOWEST:
                 continue
             if t.name not in safe:
@@ -61,9 +61,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         node.name = node.name or f"node_{i}"   # the converter blocks nodes by name
     _clamp_mask_constants(graph)
     block = _index_nodes(graph)
-    prepared = gs.export_onnx(graph)
-    prepared.ir_version = model.ir_version
-    out = convert_float_to_float16(prepared, keep_io_types=True, op_block_list=KEEP_FP32_OPS, node_block_list=block)
+    out = convert_float_to_float16(onnx_io.from_graph(graph, model), keep_io_types=True, op_block_list=KEEP_FP32_OPS, node_block_list=block)
     # The converter emits one Cast per use of a shared initializer, all identical: keep one.
     seen, nodes = set(), []
     for node in out.graph.node:
@@ -73,14 +71,12 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    out = _drop_round_trips(out)
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
+    out = _drop_round_trips(out, like=model)
     onnx_io.set_meta(out, META_PRECISION, "fp16")
     return out
 
 
-def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+def _drop_round_trips(model: onnx.ModelProto, like: onnx.ModelProto) -> onnx.ModelProto:
     """Remove fp32 -> fp16 -> fp32 Cast pairs. The converter puts one on every tensor between two nodes it keeps
     in fp32, which rounds the log-bucket arithmetic to fp16 between steps and moves indices to wrong buckets."""
     graph = gs.import_onnx(model)
@@ -96,15 +92,9 @@ def _drop_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
         out = node.outputs[0]
         if out in graph.outputs:
             continue
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = source
+        replace_uses(out, source)
     graph.cleanup().toposort()
-    result = gs.export_onnx(graph)
-    result.ir_version = model.ir_version
-    result.metadata_props.extend(model.metadata_props)
-    return result
+    return onnx_io.from_graph(graph, like)
 
 
 def graph_precision(model: onnx.ModelProto) -> str:

@@ -84,6 +84,14 @@ def _is_scalar_const(t: gs.Tensor) -> bool:
     return v is not None and v.size == 1
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads `old` read `new` instead (graph outputs are left to the caller)."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
 # ---------------------------------------------------------------------------------------------- Cast removal
 def remove_uint8_casts(graph: gs.Graph) -> int:
     """Bypass Cast(to=UINT8) nodes fed by bool or integer tensors (old transformers' `.byte()` masks, which
@@ -95,10 +103,7 @@ def remove_uint8_casts(graph: gs.Graph) -> int:
         src, dst = node.inputs[0], node.outputs[0]
         if src.dtype is not None and np.issubdtype(np.dtype(src.dtype), np.floating):
             continue  # a float quantised to uint8 is real arithmetic, not a mask; leave it
-        for consumer in list(dst.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is dst:
-                    consumer.inputs[i] = src
+        replace_uses(dst, src)
         if dst in graph.outputs:
             graph.outputs[graph.outputs.index(dst)] = src
         node.outputs.clear()
@@ -415,11 +420,3 @@ def check_exact(prepared: Prepared, config: dict | None, seq_len: int, allow_ine
         raise UserError(f"refusing to fuse: {problem}. Nothing was written "
                         "(--allow-inexact fuses anyway and changes the model's output)")
     warn(f"WARNING: fusing although {problem}. The plugin model's output differs from the original model.")
-
-
-def export_graph(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    out = gs.export_onnx(graph)
-    out.ir_version = like.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(like.metadata_props)
-    return out

@@ -30,7 +30,7 @@ def test_fp16_graph_close_to_fp32_on_v3_shaped_config(export_cache, tmp_path, ex
     assert precision.graph_precision(half) == "fp16" and precision.graph_precision(model) == "fp32"
     prepared = surgery.prepare(model, "m", 640, need_plan=True)
     surgery.fuse(prepared.graph, prepared.regions, prepared.plan)
-    plugin_half = precision.to_fp16(surgery.export_graph(prepared.graph, model))
+    plugin_half = precision.to_fp16(onnx_io.from_graph(prepared.graph, model))
     for name, candidate in [("fp16", half), ("fp16_plugin", plugin_half)]:
         got = _outputs(candidate, feeds, tmp_path, name, fp16=True)["logits"]
         assert not np.isnan(got).any(), name

@@ -24,8 +24,8 @@ def _plugin_model(path, seq_len=256, correctness=False, version="2"):
     surgery.fuse(prepared.graph, prepared.regions, prepared.plan, version)
     if correctness:
         surgery.expose_region_outputs(prepared.graph, prepared.regions)
-        original = surgery.export_graph(original, model)
-    return surgery.export_graph(prepared.graph, model), original, prepared
+        original = onnx_io.from_graph(original, model)
+    return onnx_io.from_graph(prepared.graph, model), original, prepared
 
 
 def _run(model_or_path, feeds, tmp_path, name):
@@ -86,7 +86,7 @@ def _mutated(fused, **change):
     for key in ("span", "factor"):
         if key in change:
             node.attrs[key] = change[key](node.attrs[key])
-    return surgery.export_graph(g, fused)
+    return onnx_io.from_graph(g, fused)
 
 
 @pytest.mark.parametrize("change", [dict(swap=True), dict(span=lambda k: k - 4), dict(factor=lambda f: f * 1.01)],
@@ -119,7 +119,7 @@ def test_linear_positions_fused_within_exact_length_equal_original(export_cache,
     model = onnx_io.load(path)
     prepared = surgery.prepare(model, "linear", 32, need_plan=True)
     surgery.fuse(prepared.graph, prepared.regions, prepared.plan)
-    fused = surgery.export_graph(prepared.graph, model)
+    fused = onnx_io.from_graph(prepared.graph, model)
     feeds = random_inputs(2, 32, 500, seed=5)
     want = _run(path, feeds, tmp_path, "orig")["last_hidden_state"]
     # the plugin model is padded to 64 tokens, where |i-j| of real tokens stays < 32
