@@ -3,6 +3,7 @@
 file against PyTorch under ONNX Runtime CPU.
 
     python deberta_pytorch2onnx.py --filename ./test/deberta.onnx [--variant microsoft/deberta-v3-xsmall | --seq-len 2048]
+                                   [--shape v3-large]
 """
 
 import argparse
@@ -22,6 +23,9 @@ def parse_args():
                         "its own head")
     source.add_argument("--seq-len", type=int, help="random weights in the demo's application config, with this "
                         "default sequence length (default 512)")
+    parser.add_argument("--shape", choices=export.SHAPES, default="seed",
+                        help="random weights in this config when no --variant: the demo's ('seed', default) or a "
+                        "DeBERTa-v3 checkpoint's shape")
     parser.add_argument("--exporter", choices=export.EXPORTERS, default=export.DEFAULT_EXPORTER,
                         help="torch exporter (default: %(default)s)")
     parser.add_argument("--verify-batch", type=int, default=2, help="batch of the ONNX Runtime check (default 2)")
@@ -35,13 +39,15 @@ def main():
     console = Console(stderr=True)
     if args.seq_len is not None and args.seq_len < 2:
         raise UserError("--seq-len must be at least 2")
+    if args.variant and args.shape != "seed":
+        raise UserError("--variant loads a checkpoint's own config: it cannot take --shape")
     if args.variant:
         with console.status(f"Loading {args.variant}"):
             model = export.load_variant(args.variant)
         seq_len = min(512, model.config.max_position_embeddings)
     else:
         seq_len = args.seq_len or 512
-        model = export.random_model(export.seed_config(seq_len))
+        model = export.random_model(export.shaped_config(args.shape, seq_len))
     verify_len = args.verify_seq_len or min(seq_len, 1024)
     print(f"Exporting {type(model).__name__} ({model.config.num_hidden_layers} layers, hidden "
           f"{model.config.hidden_size}, {model.config.num_attention_heads} heads) with the {args.exporter} exporter")

@@ -39,6 +39,33 @@ def seed_config(seq_len: int) -> DebertaV2Config:
     )
 
 
+# Random-weight configs shaped like the public DeBERTa-v3 checkpoints (hidden, intermediate, layers, heads); every
+# other field as in their config.json: log buckets 256, max_relative_positions -1 (-> 512), shared keys.
+V3_SHAPES = {"v3-xsmall": (384, 1536, 12, 6), "v3-small": (768, 3072, 6, 12), "v3-base": (768, 3072, 12, 12),
+             "v3-large": (1024, 4096, 24, 16)}
+# A tiny config for smoke tests on a CPU (not a real model shape).
+TINY = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            position_buckets=16, max_relative_positions=32)
+SHAPES = ("seed", *V3_SHAPES, "tiny")
+
+
+def shaped_config(shape: str, seq_len: int = 512) -> DebertaV2Config:
+    """'seed' (the demo's config), a v3 checkpoint's shape with random weights, or 'tiny'."""
+    if shape == "seed":
+        return seed_config(seq_len)
+    if shape == "tiny":
+        return DebertaV2Config(**{**seed_config(seq_len).to_diff_dict(), **TINY})
+    if shape not in V3_SHAPES:
+        raise UserError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    hidden, inter, layers, heads = V3_SHAPES[shape]
+    return DebertaV2Config(
+        vocab_size=128100, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
+        layer_norm_eps=1e-7, relative_attention=True, position_buckets=256, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], position_biased_input=False, share_att_key=True, norm_rel_ebd="layer_norm",
+    )
+
+
 def random_model(config: DebertaV2Config, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return DebertaV2Model(config).eval()

@@ -44,3 +44,76 @@ def verdict(rows: list[ErrorRow], precision: str, tolerance: float) -> tuple[boo
     word = "PASS" if ok else "FAIL"
     return ok, (f"{word}: {len(rows)} outputs, worst relative L2 {worst.rel_l2:.3e} ({worst.name}), "
                 f"{precision} tolerance {tolerance:g}")
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def benchmark_latency_table(cells, labels: dict, batch: int) -> str:
+    """Upstream-shaped: one block of rows per sequence length, one row per backend, then the speed-up row.
+    Empty cells say why in the last column."""
+    seqs = sorted({c.seq for c in cells if c.batch == batch})
+    rows = []
+    for seq in seqs:
+        block = [c for c in cells if c.batch == batch and c.seq == seq]
+        base = next((c for c in block if c.backend == "torch-fp32" and c.ok), None)
+        for c in block:
+            speed = f"{base.median_ms / c.median_ms:.1f}x" if base and c.ok else "—"
+            rows.append([str(seq), labels[c.backend], _ms(c.median_ms), _ms(c.p90_ms),
+                         "—" if c.peak_gib is None else f"{c.peak_gib:.2f}",
+                         "—" if c.rel_l2 is None else f"{c.rel_l2:.1e}", speed, c.note])
+        measured = [c for c in block if c.ok]
+        if base and measured:
+            best = min(measured, key=lambda c: c.median_ms)
+            rows.append([str(seq), f"**Speed-up** (fastest: {labels[best.backend]})", "", "", "", "",
+                         f"**{base.median_ms / best.median_ms:.1f}x**", ""])
+    return table(["sequence", "backend", "median ms", "p90 ms", "peak GiB", "rel. L2 vs FP32",
+                  "vs PyTorch FP32", "why empty"], rows)
+
+
+def benchmark_throughput_table(cells, labels: dict, seq: int) -> str:
+    """Sequences per second (batch / median latency) for every batch size at one sequence length."""
+    batches = sorted({c.batch for c in cells if c.seq == seq})
+    order = list(dict.fromkeys(c.backend for c in cells))
+    rows = []
+    for name in order:
+        row = [labels[name]]
+        notes = set()
+        for b in batches:
+            c = next((c for c in cells if c.backend == name and c.batch == b and c.seq == seq), None)
+            if c is not None and c.ok:
+                row.append(f"{b * 1e3 / c.median_ms:,.0f}")
+            else:
+                row.append("—")
+                if c is not None and c.note:
+                    notes.add(c.note)
+        rows.append(row + ["; ".join(sorted(notes))])
+    return table(["backend"] + [f"batch {b}" for b in batches] + ["why empty"], rows)
+
+
+def gpu_environment() -> dict:
+    """Device, driver and library versions for the benchmark's header and JSON."""
+    import importlib.metadata as md
+    import subprocess
+
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "triton", "onnxruntime", "onnxruntime-gpu", "tensorrt", "disentangled-flash",
+                 "flashdeberta"):
+        try:
+            env[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    else:
+        env["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    return env
