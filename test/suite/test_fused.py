@@ -1,0 +1,146 @@
+"""The fused attention kernel and the fused model path against Hugging Face in float64.
+
+On a CPU machine the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py before Triton loads); on a
+GPU they run compiled. fp32 inputs, IEEE dot products: relative L2 under 1e-5 against float64 Hugging Face."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_model
+from deberta_tools import fused_attention as fa
+from deberta_tools import fused_model
+from deberta_tools.errors import UserError
+
+DEVICE = "cuda" if torch.cuda.is_available() and not fa.INTERPRET else "cpu"
+# Spans small enough that 70-token sequences reach the saturated far tiles (the row/column-vector path).
+SMALL_SPAN = dict(position_buckets=8, max_relative_positions=16)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _mask(batch, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):
+        mask[b, int(torch.randint(seq // 2, seq, (1,), generator=g)):] = 0
+    return mask
+
+
+@pytest.mark.parametrize("rule", [
+    fa.PositionRule(256, 256, 512), fa.PositionRule(256, 256, 256), fa.PositionRule(128, 128, 512),
+    fa.PositionRule(8, 8, 16), fa.PositionRule(32, 32, 64), fa.PositionRule(64, -1, 64)])
+def test_kernel_index_is_hugging_face_bucket(rule):
+    """The kernel's in-kernel log bucket equals make_log_bucket_position for every distance up to 5000."""
+    rel = torch.arange(-5000, 5001, device=DEVICE)
+    got = fa.kernel_index(rule, rel).cpu().long()
+    want = rule.index(rel.cpu())
+    bad = torch.nonzero(got != want).flatten()
+    assert bad.numel() == 0, f"distances {rel[bad[:5]].tolist()}: kernel {got[bad[:5]].tolist()} vs {want[bad[:5]].tolist()}"
+
+
+def test_saturation_bounds_match_the_rule():
+    for rule in (fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16), fa.PositionRule(64, -1, 64)):
+        hi, lo = rule.saturation
+        top = 2 * rule.span - 1
+        assert rule.index(torch.tensor([hi - 1]))[0] != top and torch.all(rule.index(torch.arange(hi, hi + 3000)) == top)
+        assert rule.index(torch.tensor([lo + 1]))[0] != 0 and torch.all(rule.index(torch.arange(lo - 3000, lo + 1)) == 0)
+
+
+def _attention_case(name, batch, seq, seed=0, **extra):
+    """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 inputs of the same layer."""
+    torch.manual_seed(seed)
+    ref_model = make_model(name, **extra).double()
+    enc = ref_model.encoder
+    x = torch.randn(batch, seq, ref_model.config.hidden_size, dtype=torch.float64)
+    mask = _mask(batch, seq, seed)
+    with torch.no_grad():
+        att = enc.layer[0].attention.self
+        want = att(x, enc.get_attention_mask(mask), relative_pos=enc.get_rel_pos(x),
+                   rel_embeddings=enc.get_rel_embedding())[0]
+        fused = fused_model.fuse(copy.deepcopy(ref_model).float().to(DEVICE))
+        encoder = fused.encoder
+        encoder._prepare(torch.device(DEVICE), torch.float32)
+        layer = encoder._layers[0]
+        qkv = torch.nn.functional.linear(x.float().to(DEVICE), layer.w_qkv, layer.b_qkv)
+        tables = None
+        if layer.pos is not None:
+            tables = fa.position_scores(qkv, layer.pos, layer.columns, layer.heads, layer.head_dim)
+        out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE)
+        fa.attention(qkv, mask.to(torch.int32).to(DEVICE), layer.heads, layer.head_dim, encoder.rule, tables,
+                     layer.c2p_term, layer.p2c_term, layer.factor, out=out)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    return _rel(out, want), encoder.rule
+
+
+@pytest.mark.parametrize("name,extra,seq", [
+    ("v3", SMALL_SPAN, 70),                # log buckets, near and saturated far tiles, seq not a multiple of 16
+    ("v3", {}, 45),
+    ("v3_separate_keys", SMALL_SPAN, 53),  # pos_key_proj / pos_query_proj, 3 heads of 32
+    ("c2p_only", SMALL_SPAN, 61),
+    ("p2c_only", SMALL_SPAN, 61),
+    ("linear", dict(max_relative_positions=12), 58),  # no buckets: linear positions, saturated at +-12
+    ("no_relative", {}, 33),
+])
+def test_attention_layer_matches_float64(name, extra, seq):
+    err, rule = _attention_case(name, batch=3, seq=seq, **extra)
+    assert err < 1e-5, f"{name}: relative L2 {err:.2e}"
+    if rule is not None and extra:
+        hi, lo = rule.saturation
+        t = fa.default_tiles(seq, 32, torch.float32)
+        last = (seq - 1) // t.block_m * t.block_m
+        far_below = last - t.block_n + 1 - hi >= 0      # the last query block has a saturated key block (index top)
+        far_above = -(-(t.block_m - 1 - lo) // t.block_n) < -(-seq // t.block_n)  # the first has one at index 0
+        assert far_below and far_above, "test too short to reach the far tiles"
+
+
+def test_wrong_span_is_caught():
+    """The tolerance is tight enough that a position table one bucket off fails."""
+    err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
+    assert err < 1e-5
+    orig = fa.PositionRule.from_config
+
+    def shifted(config):
+        rule = orig(config)
+        return fa.PositionRule(rule.span, rule.buckets, rule.max_position + 7)
+    fa.PositionRule.from_config = staticmethod(shifted)
+    try:
+        err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
+    finally:
+        fa.PositionRule.from_config = staticmethod(orig)
+    assert err > 1e-3
+
+
+@pytest.mark.parametrize("name,head,extra", [
+    ("v3", "DebertaV2ForSequenceClassification", SMALL_SPAN),
+    ("v3_separate_keys", "DebertaV2Model", dict(conv_kernel_size=3, conv_act="gelu")),  # v2-style conv layer
+    ("linear", "DebertaV2ForTokenClassification", {}),
+])
+def test_whole_model_matches_float64(name, head, extra):
+    torch.manual_seed(1)
+    ref_model = make_model(name, head, **extra).double()
+    fused = fused_model.fuse(copy.deepcopy(ref_model).float().to(DEVICE))
+    seq = 66
+    ids = torch.randint(1, ref_model.config.vocab_size, (2, seq))
+    mask = _mask(2, seq, seed=3)
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        want = fused_model.first_output(ref_model(input_ids=ids, attention_mask=mask))
+        got = fused_model.first_output(fused(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)))
+    assert _rel(got, want) < 1e-5
+
+
+def test_fused_refuses_what_it_cannot_do():
+    model = fused_model.fuse(make_model("v3", **SMALL_SPAN).to(DEVICE))
+    ids = torch.randint(1, 100, (1, 20), device=DEVICE)
+    with pytest.raises(UserError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
+    with pytest.raises(UserError, match="not a Hugging Face DebertaV2"):
+        fused_model.fuse(torch.nn.Linear(2, 2))
+    train = make_model("v3").train()
+    with pytest.raises(UserError, match="eval"):
+        fused_model.fuse(train)
