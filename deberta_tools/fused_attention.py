@@ -118,7 +118,7 @@ def _position_scores_kernel(
     OUT, stride_out_t, stride_out_b, stride_out_h, stride_out_s,
     S, H, P,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    EVEN_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """OUT[t, b, h, s, p] = X_t[b, s, h] . POS[t, h, p]: term 0 reads the columns at COL0, term 1 those at COL1."""
     pid_m = tl.program_id(0)
@@ -129,39 +129,53 @@ def _position_scores_kernel(
     col = tl.where(term == 0, COL0, COL1) + h * HEAD_DIM
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
-    x = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + col + dd[None, :],
-                mask=(rows[:, None] < S) & (dd[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        x_mask = rows[:, None] < S
+    else:
+        x_mask = (rows[:, None] < S) & (dd[None, :] < HEAD_DIM)
+    x = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + col + dd[None, :], mask=x_mask, other=0.0)
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
     out_base = OUT + term * stride_out_t + b * stride_out_b + h * stride_out_h
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
-        r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :],
-                    mask=(pp[:, None] < P) & (dd[None, :] < HEAD_DIM), other=0.0)
+        if HEAD_DIM == BLOCK_D:
+            r_mask = pp[:, None] < P
+        else:
+            r_mask = (pp[:, None] < P) & (dd[None, :] < HEAD_DIM)
+        r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=r_mask, other=0.0)
         acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION)
-        tl.store(out_base + rows[:, None] * stride_out_s + pp[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=(rows[:, None] < S) & (pp[None, :] < P))
+        if EVEN_P:
+            o_mask = rows[:, None] < S
+        else:
+            o_mask = (rows[:, None] < S) & (pp[None, :] < P)
+        tl.store(out_base + rows[:, None] * stride_out_s + pp[None, :], acc.to(OUT.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, j0,
-    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s,
-    S, SPAN, MID, LOG_DENOM, CONST_COL, qk_scale,
+    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
+    LUT, LUT_LO, LUT_N, S, qk_scale,
     MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-    LOG_BUCKETS: tl.constexpr, PRECISE_LOG: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. MODE 0 gathers the position terms per element; MODE 1 (every index
-    saturated) adds the row vector c2p_row and one P2C column per key."""
+    """One key block of the online softmax. MODE 0 (near the diagonal) gathers the position terms per element
+    through the index table LUT[d - LUT_LO]; MODE 1 (every index saturated) adds the row vector c2p_row and the
+    contiguous per-key vector EDGE_B[j]."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
-    kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
+    # A mask along the contiguous head axis stops Triton from vectorising the loads: only mask it when needed.
+    if HEAD_DIM == BLOCK_D:
+        kv_mask = col_ok[:, None]
+    else:
+        kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
     k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MODE == 0:
         if HAS_C2P or HAS_P2C:
-            idx = _relative_index(i[:, None] - j[None, :], SPAN, MID, LOG_DENOM, LOG_BUCKETS, PRECISE_LOG)
+            u = tl.minimum(tl.maximum(i[:, None] - j[None, :] - LUT_LO, 0), LUT_N - 1)
+            idx = tl.load(LUT + u)
             both = row_ok[:, None] & col_ok[None, :]
             if HAS_C2P:
                 s += tl.load(C2P_B + i[:, None] * stride_tab_s + idx, mask=both, other=0.0).to(tl.float32)
@@ -171,7 +185,7 @@ def _attend_block(
         if HAS_C2P:
             s += c2p_row[:, None]
         if HAS_P2C:
-            s += tl.load(P2C_B + j * stride_tab_s + CONST_COL, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            s += tl.load(EDGE_B + j, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     kvalid = tl.load(MASK_B + j, mask=col_ok, other=0) != 0
     # Hugging Face: valid query rows see valid keys; a padded query row sees every key with equal score.
     z = tl.where(qvalid[:, None], s * qk_scale, 0.0)
@@ -183,7 +197,8 @@ def _attend_block(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(QKV_B + j[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -191,10 +206,12 @@ def _attend_block(
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     TAB, C2P_OFF, P2C_OFF, stride_tab_b, stride_tab_h, stride_tab_s,
+    EDGES, stride_edge_b, stride_edge_h,
     MASK, stride_mask_b,
     OUT, stride_out_b, stride_out_s,
-    S, H, SPAN, MID, LOG_DENOM, SAT_HI, SAT_LO, qk_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, LOG_BUCKETS: tl.constexpr, PRECISE_LOG: tl.constexpr,
+    LUT, LUT_LO, LUT_N,
+    S, H, TOP, SAT_HI, SAT_LO, qk_scale,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -207,15 +224,18 @@ def _attention_kernel(
     dd = tl.arange(0, BLOCK_D)
     row_ok = i < S
     QKV_B = QKV + b * stride_qkv_b
-    q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :],
-                mask=row_ok[:, None] & (dd[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        io_mask = row_ok[:, None]
+    else:
+        io_mask = row_ok[:, None] & (dd[None, :] < HEAD_DIM)
+    q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=io_mask, other=0.0)
     K_COL = H * HEAD_DIM + h * HEAD_DIM
     V_COL = 2 * H * HEAD_DIM + h * HEAD_DIM
     MASK_B = MASK + b * stride_mask_b
     qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
     C2P_B = TAB + C2P_OFF + b * stride_tab_b + h * stride_tab_h
     P2C_B = TAB + P2C_OFF + b * stride_tab_b + h * stride_tab_h
-    TOP = 2 * SPAN - 1
+    EDGE_B = EDGES + b * stride_edge_b + h * stride_edge_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -224,12 +244,8 @@ def _attention_kernel(
     # Key blocks [0, hi_end): every i - j >= SAT_HI (index TOP); [lo_start, n_blocks): every i - j <= SAT_LO (index 0).
     x = i0 - BLOCK_N + 1 - SAT_HI
     hi_end = tl.minimum(tl.where(x >= 0, x // BLOCK_N + 1, 0), n_blocks)
-    if not (HAS_C2P or HAS_P2C):
-        hi_end = 0
     y = i0 + BLOCK_M - 1 - SAT_LO
     lo_start = tl.maximum(tl.minimum((y + BLOCK_N - 1) // BLOCK_N, n_blocks), hi_end)
-    if not (HAS_C2P or HAS_P2C):
-        lo_start = n_blocks
 
     c2p_row = tl.zeros([BLOCK_M], tl.float32)
     if HAS_C2P:
@@ -237,28 +253,28 @@ def _attention_kernel(
     for n in range(0, hi_end):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s,
-            S, SPAN, MID, LOG_DENOM, TOP, qk_scale,
-            1, HAS_C2P, HAS_P2C, LOG_BUCKETS, PRECISE_LOG, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B + S,
+            LUT, LUT_LO, LUT_N, S, qk_scale,
+            1, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     for n in range(hi_end, lo_start):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s,
-            S, SPAN, MID, LOG_DENOM, 0, qk_scale,
-            0, HAS_C2P, HAS_P2C, LOG_BUCKETS, PRECISE_LOG, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
+            LUT, LUT_LO, LUT_N, S, qk_scale,
+            0, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
     if HAS_C2P:
         c2p_row = tl.load(C2P_B + i * stride_tab_s, mask=row_ok, other=0.0).to(tl.float32)
     for n in range(lo_start, n_blocks):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s,
-            S, SPAN, MID, LOG_DENOM, 0, qk_scale,
-            1, HAS_C2P, HAS_P2C, LOG_BUCKETS, PRECISE_LOG, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
+            LUT, LUT_LO, LUT_N, S, qk_scale,
+            1, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dd[None, :] < HEAD_DIM))
+             out.to(OUT.dtype.element_ty), mask=io_mask)
 
 
 @dataclass(frozen=True)
@@ -303,17 +319,28 @@ def position_scores(qkv: torch.Tensor, pos: torch.Tensor, columns: tuple[int, ..
         out, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         seq, heads, width,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_P=block_p,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
+        EVEN_P=width % block_p == 0, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
     return out
+
+
+@lru_cache(maxsize=None)
+def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(LUT, lo): LUT[d - lo] = idx(d) for every distance between the saturation bounds, computed once per rule and
+    device by the Triton index function (`kernel_index`), so the attention kernel reads one small table instead
+    of evaluating log, two IEEE divisions and a ceil for every (i, j)."""
+    hi, lo = rule.saturation
+    return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, rule: PositionRule | None,
               tables: torch.Tensor | None, c2p_term: int | None, p2c_term: int | None, factor: float,
-              out: torch.Tensor | None = None, tiles: Tiles | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, tiles: Tiles | None = None,
+              saturation: tuple[int, int] | None = None) -> torch.Tensor:
     """Context [B, S, H*D] of one DeBERTa attention layer.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] (non-zero = token); tables from `position_scores` with C2P at index c2p_term
-    and P2C at p2c_term (None: the config has no such term); factor: 1/sqrt(D * scale_factor)."""
+    and P2C at p2c_term (None: the config has no such term); factor: 1/sqrt(D * scale_factor). `saturation`
+    overrides the rule's (hi, lo) bounds: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
         raise ValueError(f"qkv must be [B, S, 3*{heads}*{head_dim}] with unit column stride, got {tuple(qkv.shape)}")
@@ -325,22 +352,28 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     has_c2p, has_p2c = c2p_term is not None, p2c_term is not None
     if has_c2p or has_p2c:
         assert rule is not None and tables is not None
-        span, mid, log_denom = rule.span, max(rule.buckets // 2, 1), rule.log_denominator
-        sat_hi, sat_lo = rule.saturation
+        lut, lut_lo = index_table(rule, qkv.device)
+        sat_hi, sat_lo = saturation or rule.saturation
+        top = 2 * rule.span - 1
         tab = tables
         term_stride = tables.stride(0)
         strides = (tables.stride(1), tables.stride(2), tables.stride(3))
+        # P2C's first and last columns as contiguous [B, H, 2, S] rows: what saturated tiles read per key.
+        edges = tables[p2c_term or 0][..., [0, top]].transpose(-1, -2).contiguous()
     else:
-        span, mid, log_denom, sat_hi, sat_lo = 1, 1, 1.0, 1 << 30, -(1 << 30)
+        lut, lut_lo, top, sat_hi, sat_lo = mask, 0, 0, 1 << 30, -(1 << 30)
         tab, term_stride, strides = qkv, 0, (0, 0, 0)
+        edges = qkv.new_zeros((1, 1, 2, 1))
     grid = (triton.cdiv(seq, tiles.block_m), batch * heads)
     _attention_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1),
         tab, (c2p_term or 0) * term_stride, (p2c_term or 0) * term_stride, *strides,
+        edges, edges.stride(0), edges.stride(1),
         mask, mask.stride(0),
         out, out.stride(0), out.stride(1),
-        seq, heads, span, mid, log_denom, sat_hi, sat_lo, factor * _LOG2E,
-        HAS_C2P=has_c2p, HAS_P2C=has_p2c, LOG_BUCKETS=bool(rule and rule.log_buckets), PRECISE_LOG=not INTERPRET,
+        lut, lut_lo, lut.numel(),
+        seq, heads, top, sat_hi, sat_lo, factor * _LOG2E,
+        HAS_C2P=has_c2p, HAS_P2C=has_p2c,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

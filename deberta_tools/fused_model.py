@@ -9,8 +9,9 @@ convolution layer stay Hugging Face's own modules. Per layer the encoder runs:
     h     = LayerNorm(ctx . Woᵀ + bo + x) GEMM, then one fused add + LayerNorm kernel
     x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)
 
-`GraphRunner` captures the whole model call in a CUDA graph per input shape, for batch-1 latency. The encoder is
-inference only: the position projections are computed from the weights when `fuse` runs, so weights changed after
+`GraphRunner` captures the whole model call in a CUDA graph per input shape, for batch-1 latency. Hidden states of
+every layer come back only when `config.output_hidden_states` is set (passing output_hidden_states=True to a call
+is not enough: Hugging Face's backbone always asks its encoder for them). The encoder is inference only: the position projections are computed from the weights when `fuse` runs, so weights changed after
 that are not seen (call `fuse` again on a fresh model).
 """
 
@@ -136,6 +137,9 @@ class FusedEncoder(nn.Module):
                             "dimensions")
         mask = attention_mask.to(torch.int32)
         x = hidden_states
+        # Every layer's output is kept only when the config asks for hidden states (Hugging Face's DebertaV2Model
+        # always asks its encoder for them): at long sequences they are most of the activation memory.
+        keep = bool(getattr(self.config, "output_hidden_states", False))
         states = [x]
         with torch.no_grad():
             self._prepare(hidden_states.device, hidden_states.dtype)
@@ -143,7 +147,10 @@ class FusedEncoder(nn.Module):
                 x = layer(x, mask, self.rule)
                 if n == 0 and self.original.conv is not None:
                     x = self.original.conv(hidden_states, x, attention_mask)
-                states.append(x)
+                if keep:
+                    states.append(x)
+        if not keep:
+            states = [x]
         if not return_dict:
             return (x, tuple(states) if output_hidden_states else None)
         return BaseModelOutput(last_hidden_state=x, hidden_states=tuple(states))
