@@ -79,6 +79,9 @@ def main():
     print(", ".join(f"{k} {v}" for k, v in env.items()))
 
     out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / "cells.partial.jsonl"   # every finished cell at once, in case the run is cut short
+    partial.write_text("")
     with tempfile.TemporaryDirectory(prefix="deberta-bench-") as work:
         ctx = benchmark.Context(model, shape, device, Path(work), args.warmup, args.iterations)
         with console.status("PyTorch FP32 reference outputs"):
@@ -93,6 +96,8 @@ def main():
                 bar.reset(runs_task)
 
             def on_cell(cell):
+                with partial.open("a") as f:
+                    f.write(json.dumps(cell.to_json()) + "\n")
                 bar.advance(cells_task)
                 text = f"{cell.median_ms:.3f} ms" if cell.ok else f"— {cell.note}"
                 bar.console.print(f"  {cell.backend:<20} batch {cell.batch:<3} seq {cell.seq:<5} {text}")
@@ -115,7 +120,6 @@ def main():
             sections += [f"## Throughput, sequences/s at sequence {seq}", "",
                          report.benchmark_throughput_table(cells, labels, seq), ""]
     markdown = "\n".join(sections)
-    out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = None
     try:
         plot_path = plot.latency_plot(cells, labels, min(args.batch_size), title, out_dir / "latency.png")
@@ -130,6 +134,7 @@ def main():
         tmp = out_dir / (name + ".tmp")
         tmp.write_text(text)
         tmp.replace(out_dir / name)
+    partial.unlink()
     print(markdown)
     print(f"Wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}" + (f", {plot_path}" if plot_path else ""))
 

@@ -285,15 +285,16 @@ class Tiles:
     num_stages: int
 
 
-def default_tiles(seq_len: int, head_dim: int, dtype: torch.dtype) -> Tiles:
-    """Tile sizes by sequence length (chosen from H100 runs; see results/fused-attention-h100/NOTES.md)."""
+def default_tiles(seq_len: int, head_dim: int, dtype: torch.dtype, programs: int = 1 << 30) -> Tiles:
+    """Tile sizes (from H100 runs; see results/fused-attention-h100/NOTES.md). `programs`: batch * heads, so that
+    short sequences get smaller query tiles and enough programs to fill the GPU."""
     if INTERPRET:
         return Tiles(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return Tiles(32, 32, 4, 1)
-    if seq_len <= 1024:
-        return Tiles(64, 64, 4, 2)
-    return Tiles(128, 64, 8, 2)
+    if programs * triton.cdiv(seq_len, 64) < 264:
+        return Tiles(32, 64, 4, 2)
+    return Tiles(64, 64, 4, 2)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -348,7 +349,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         raise ValueError(f"mask must be [B, S] = {(batch, seq)}, got {tuple(mask.shape)}")
     if out is None:
         out = torch.empty((batch, seq, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
-    tiles = tiles or default_tiles(seq, head_dim, qkv.dtype)
+    tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * heads)
     has_c2p, has_p2c = c2p_term is not None, p2c_term is not None
     if has_c2p or has_p2c:
         assert rule is not None and tables is not None
@@ -359,7 +360,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         term_stride = tables.stride(0)
         strides = (tables.stride(1), tables.stride(2), tables.stride(3))
         # P2C's first and last columns as contiguous [B, H, 2, S] rows: what saturated tiles read per key.
-        edges = tables[p2c_term or 0][..., [0, top]].transpose(-1, -2).contiguous()
+        p2c = tables[p2c_term or 0]
+        edges = torch.stack((p2c[..., 0], p2c[..., top]), dim=2)
     else:
         lut, lut_lo, top, sat_hi, sat_lo = mask, 0, 0, 1 << 30, -(1 << 30)
         tab, term_stride, strides = qkv, 0, (0, 0, 0)

@@ -83,7 +83,7 @@ def _attention_case(name, batch, seq, seed=0, **extra):
     ("v3_separate_keys", SMALL_SPAN, 75),  # pos_key_proj / pos_query_proj, 3 heads of 32
     ("c2p_only", SMALL_SPAN, 75),
     ("p2c_only", SMALL_SPAN, 73),
-    ("linear", dict(max_relative_positions=12), 58),  # no buckets: linear positions, saturated at +-12
+    ("linear", dict(max_relative_positions=12), 75),  # no buckets: linear positions, saturated at +-12
     ("no_relative", {}, 33),
 ])
 def test_attention_layer_matches_float64(name, extra, seq):
@@ -144,3 +144,14 @@ def test_fused_refuses_what_it_cannot_do():
     train = make_model("v3").train()
     with pytest.raises(UserError, match="eval"):
         fused_model.fuse(train)
+
+
+def test_fused_script_on_tiny_config():
+    """The top-level script: PASS against Hugging Face FP32 (fp32 under the interpreter here, compiled on a GPU)."""
+    from conftest import run_script
+    proc = run_script("deberta_fused_inference.py", "--shape", "tiny", "--seq-len", "40", "--batch-size", "2",
+                      "--dtype", "fp32", "--iterations", "2", "--warmup", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS: fused vs Hugging Face FP32" in proc.stdout and "median ms" in proc.stdout
+    bad = run_script("deberta_fused_inference.py", "--shape", "tiny", "--seq-len", "1")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ")
