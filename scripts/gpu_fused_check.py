@@ -148,10 +148,13 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--variants-only", action="store_true")
+    parser.add_argument("--tile-sweep", action="store_true", help="kernel variants for several tile shapes")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
-    variant_timing([512, 2048, 8192], fa.Tiles(64, 64, 4, 2))
-    variant_timing([512, 2048, 8192], fa.Tiles(128, 64, 8, 2))
+    for tiles in ([fa.Tiles(64, 64, 4, 2)] if not args.tile_sweep else
+                  [fa.Tiles(64, 64, 4, 2), fa.Tiles(64, 64, 4, 3), fa.Tiles(64, 32, 4, 2), fa.Tiles(64, 64, 8, 2),
+                   fa.Tiles(32, 64, 4, 2), fa.Tiles(128, 64, 8, 3), fa.Tiles(32, 32, 2, 2)]):
+        variant_timing([512, 2048, 8192], tiles)
     if args.variants_only:
         return
     index_check()
