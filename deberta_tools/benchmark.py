@@ -297,6 +297,9 @@ class TensorRT(Backend):
 
     def runner(self, ids, mask):
         shape = tuple(ids.shape)
+        if self.plugin and shape[1] % 64:
+            raise Unavailable("plugin engines take sequence lengths that are multiples of 64 (the kernel has no "
+                              "bounds checks)")
         profile = {"input_ids": (shape, shape, shape), "attention_mask": (shape, shape, shape)}
         engine = self.trt.Engine(self.trt.build_engine(self.path, "fp16", profile, 4096), self.path.name)
         engine.bind({"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()})
