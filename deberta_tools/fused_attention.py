@@ -17,8 +17,9 @@ is computed in two launches and never materialises an S x S tensor:
    entries for v3) and the attention kernel reads that small table; evaluating it per (i, j) made
    near-diagonal tiles 1.6-2.5x slower on an H100 (results/fused-attention-h100/NOTES.md). Log buckets
    saturate: once every i-j of a tile is beyond the saturation distance, every element of the tile reads the
-   same C2P column per row and the same P2C column per key, so those tiles add a row vector and a contiguous column vector instead of gathering (the key loop is split in
-   three ranges: far below the diagonal, near it, far above it).
+   same C2P column per row and the same P2C column per key, so those tiles add a row vector and a contiguous
+   column vector instead of gathering (the key loop is split in three ranges: far below the diagonal, near it,
+   far above it).
 
 Masking follows Hugging Face: a 2-D padding mask m gives key j to query i when m[i] and m[j]; a padded query row
 (all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original.
