@@ -221,10 +221,19 @@ class OnnxRuntime(Backend):
         if ctx.cuda and providers[0] == "cpu":
             raise Unavailable("this onnxruntime has no GPU provider (install requirements-gpu.txt)")
         path = onnx_file(ctx, self.plugin, self.fp16)
-        try:
-            self.session = ort_session.open_session(path, fp16=self.fp16)
-        except Exception as err:
-            raise Unavailable(f"{type(err).__name__}: {err}") from err
+        failures = []
+        for provider in providers:   # TensorRT, CUDA, CPU: the first that starts here
+            if ctx.cuda and provider == "cpu":
+                break
+            try:
+                self.session = ort_session.open_session(path, provider=provider, fp16=self.fp16)
+                break
+            except Exception as err:
+                failures.append(f"{provider}: {type(err).__name__}: {str(err)[:120]}")
+        else:
+            raise Unavailable("; ".join(failures) or "no provider")
+        if not hasattr(self, "session"):
+            raise Unavailable("; ".join(failures))
         provider = self.session.provider.replace("ExecutionProvider", "")
         ref = " (plugin as standard ops)" if self.session.reference else ""
         self.label = f"{self.label} {provider} {'FP16' if self.fp16 else 'FP32'}{ref}"
