@@ -261,16 +261,12 @@ def onnx_file(ctx: Context, plugin: bool, fp16: bool) -> Path:
     base = ctx.workdir / f"{ctx.shape}.onnx"
     if not base.exists():
         _script("deberta_pytorch2onnx.py", "--filename", base, "--shape", ctx.shape, "--verify-seq-len", 64)
+    flags = (["--plugin"] if plugin else []) + (["--fp16"] if fp16 else [])
     path = base
-    if plugin:
-        path = base.with_name(base.stem + "_plugin.onnx")
+    if flags:   # the same calls as the README: deberta_onnx_modify.py <original> [--plugin] [--fp16]
+        path = base.with_name(base.stem + "".join(f.replace("--", "_") for f in flags) + ".onnx")
         if not path.exists():
-            _script("deberta_onnx_modify.py", base, "--plugin", "--output", path)
-    if fp16:
-        half = path.with_name(path.stem + "_fp16.onnx")
-        if not half.exists():
-            _script("deberta_onnx_modify.py", path, "--fp16", "--output", half)
-        path = half
+            _script("deberta_onnx_modify.py", base, *flags, "--output", path)
     ctx.onnx_files[key] = path
     return path
 
