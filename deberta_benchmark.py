@@ -65,9 +65,6 @@ def main():
     else:
         model = export.random_model(export.shaped_config(args.shape, max(args.seq_len)))
         shape = args.shape
-    if args.variant and any(b.startswith(("ort", "tensorrt")) for b in names):
-        raise UserError("the ONNX Runtime and TensorRT backends export --shape configs; for a --variant, run them "
-                        "with deberta_ort_inference.py / deberta_tensorrt_inference.py")
     backends = [b for b in benchmark.all_backends() if b.name in names]
     labels = {b.name: b.label for b in backends}
     shapes = [(b, s) for b in sorted(set(args.batch_size)) for s in sorted(set(args.seq_len))]
@@ -83,7 +80,8 @@ def main():
     partial = out_dir / "cells.partial.jsonl"   # every finished cell at once, in case the run is cut short
     partial.write_text("")
     with tempfile.TemporaryDirectory(prefix="deberta-bench-") as work:
-        ctx = benchmark.Context(model, shape, device, Path(work), args.warmup, args.iterations)
+        ctx = benchmark.Context(model, shape, device, Path(work), args.warmup, args.iterations,
+                                exportable=not args.variant)
         with console.status("PyTorch FP32 reference outputs"):
             references = benchmark.reference_outputs(ctx, shapes)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -62,6 +62,7 @@ class Context:
     workdir: Path
     warmup: int = 10
     iterations: int = 100
+    exportable: bool = True   # a --shape config that deberta_pytorch2onnx.py --shape can export
     onnx_files: dict = field(default_factory=dict)
 
     @property
@@ -222,17 +223,14 @@ class OnnxRuntime(Backend):
             raise Unavailable("this onnxruntime has no GPU provider (install requirements-gpu.txt)")
         path = onnx_file(ctx, self.plugin, self.fp16)
         failures = []
-        for provider in providers:   # TensorRT, CUDA, CPU: the first that starts here
-            if ctx.cuda and provider == "cpu":
-                break
+        # TensorRT, CUDA, CPU: the first that starts here (on a GPU machine, the first GPU provider that starts).
+        for provider in [p for p in providers if not (ctx.cuda and p == "cpu")]:
             try:
                 self.session = ort_session.open_session(path, provider=provider, fp16=self.fp16)
                 break
             except Exception as err:
                 failures.append(f"{provider}: {type(err).__name__}: {str(err)[:120]}")
         else:
-            raise Unavailable("; ".join(failures) or "no provider")
-        if not hasattr(self, "session"):
             raise Unavailable("; ".join(failures))
         provider = self.session.provider.replace("ExecutionProvider", "")
         ref = " (plugin as standard ops)" if self.session.reference else ""
@@ -258,6 +256,10 @@ def onnx_file(ctx: Context, plugin: bool, fp16: bool) -> Path:
     key = (plugin, fp16)
     if key in ctx.onnx_files:
         return ctx.onnx_files[key]
+    if not ctx.exportable:
+        raise Unavailable("exported only for --shape configs here; for a --variant, export it with "
+                          "deberta_pytorch2onnx.py --variant and run deberta_ort_inference.py / "
+                          "deberta_tensorrt_inference.py")
     base = ctx.workdir / f"{ctx.shape}.onnx"
     if not base.exists():
         _script("deberta_pytorch2onnx.py", "--filename", base, "--shape", ctx.shape, "--verify-seq-len", 64)
@@ -352,15 +354,14 @@ def measure_cell(backend: Backend, ctx: Context, batch: int, seq: int, reference
             if ctx.cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                first = run()
-                output = getattr(run, "output", lambda: first)().detach().clone()
+            first = run()
+            output = getattr(run, "output", lambda: first)().detach().clone()
+            if ctx.cuda:
                 lat = timing.measure_cuda(run, torch.cuda.current_stream(), warmup=ctx.warmup,
                                           iterations=ctx.iterations, progress=progress)
                 if backend.tracks_memory:
                     cell.peak_gib = torch.cuda.max_memory_allocated() / 2**30
             else:
-                first = run()
-                output = getattr(run, "output", lambda: first)().detach().clone()
                 lat = timing.measure(run, warmup=ctx.warmup, iterations=ctx.iterations, progress=progress)
     except Unavailable as err:
         cell.note = str(err)

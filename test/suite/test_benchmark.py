@@ -34,3 +34,16 @@ def test_benchmark_rejects_unknown_backend(tmp_path):
     proc = run_script("deberta_benchmark.py", "--shape", "tiny", "--backends", "warp-drive", "--output-dir", tmp_path)
     assert proc.returncode == 1 and "unknown backend" in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_benchmark_variant_says_why_onnx_cells_are_empty(tmp_path):
+    """A --variant (here a save_pretrained folder) runs the PyTorch rows; the ONNX rows say how to get them."""
+    from conftest import make_model
+    make_model("v3", "DebertaV2ForSequenceClassification").save_pretrained(tmp_path / "seed")
+    out_dir = tmp_path / "bench"
+    proc = run_script("deberta_benchmark.py", "--variant", tmp_path / "seed", "--seq-len", "24", "--iterations", "2",
+                      "--warmup", "1", "--output-dir", out_dir, "--backends", "torch-fp32", "ort")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cells = {c["backend"]: c for c in json.loads((out_dir / "results.json").read_text())["cells"]}
+    assert cells["torch-fp32"]["median_ms"] is not None
+    assert cells["ort"]["median_ms"] is None and "--variant" in cells["ort"]["note"]

@@ -98,7 +98,7 @@ def test_attention_layer_matches_float64(name, extra, seq):
         assert far_below and far_above, "test too short to reach the far tiles"
 
 
-def test_wrong_span_is_caught():
+def test_wrong_span_is_caught(monkeypatch):
     """The tolerance is tight enough that a position table one bucket off fails."""
     err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
     assert err < 1e-5
@@ -107,11 +107,8 @@ def test_wrong_span_is_caught():
     def shifted(config):
         rule = orig(config)
         return fa.PositionRule(rule.span, rule.buckets, rule.max_position + 7)
-    fa.PositionRule.from_config = staticmethod(shifted)
-    try:
-        err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
-    finally:
-        fa.PositionRule.from_config = staticmethod(orig)
+    monkeypatch.setattr(fa.PositionRule, "from_config", staticmethod(shifted))
+    err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
     assert err > 1e-3
 
 
