@@ -115,57 +115,97 @@ def _relative_index(d, SPAN, MID, LOG_DENOM, LOG_BUCKETS: tl.constexpr, PRECISE_
     return tl.minimum(tl.maximum(bucket + SPAN, 0), 2 * SPAN - 1)
 
 
+@dataclass(eq=False)
+class Positions:
+    """One layer's relative-position inputs: the rule, the projections `pos` [terms, H, 2*span, D] of the relative
+    embeddings (Kr for C2P, Qr for P2C; weights only, computed once per model) and which term is which."""
+
+    rule: PositionRule
+    pos: torch.Tensor
+    c2p_term: int | None
+    p2c_term: int | None
+
+
 @triton.jit
-def _position_scores_kernel(
+def _position_tables_kernel(
     QKV, stride_qkv_b, stride_qkv_s, COL0, COL1,
     POS, stride_pos_t, stride_pos_h, stride_pos_p,
-    OUT, stride_out_t, stride_out_b, stride_out_h, stride_out_s,
-    S, H, P,
+    MASK, stride_mask_b,
+    TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
+    S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
     EVEN_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """OUT[t, b, h, s, p] = X_t[b, s, h] . POS[t, h, p]: term 0 reads the columns at COL0, term 1 those at COL1."""
+    """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
+    (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
+    and rows past S, so the attention kernel needs no key mask. The P2C term also writes its columns TOP and 0 as
+    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bg = tl.program_id(1)
     term = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    col = tl.where(term == 0, COL0, COL1) + h * HEAD_DIM
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    h = H0 + g
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
+    in_seq = rows < S
+    col = tl.where(term == 0, COL0, COL1) + h * HEAD_DIM
     if HEAD_DIM == BLOCK_D:
-        x_mask = rows[:, None] < S
+        x_mask = in_seq[:, None]
+        d_ok = dd < BLOCK_D
     else:
-        x_mask = (rows[:, None] < S) & (dd[None, :] < HEAD_DIM)
+        x_mask = in_seq[:, None] & (dd[None, :] < HEAD_DIM)
+        d_ok = dd < HEAD_DIM
     x = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + col + dd[None, :], mask=x_mask, other=0.0)
+    is_p2c = term == P2C_TERM
+    padded = tl.load(MASK + b * stride_mask_b + rows, mask=in_seq, other=0) == 0
+    bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
+    row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
-    out_base = OUT + term * stride_out_t + b * stride_out_b + h * stride_out_h
     for p0 in range(0, P, BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
-        if HEAD_DIM == BLOCK_D:
-            r_mask = pp[:, None] < P
-        else:
-            r_mask = (pp[:, None] < P) & (dd[None, :] < HEAD_DIM)
-        r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=r_mask, other=0.0)
-        acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION)
         if EVEN_P:
-            o_mask = rows[:, None] < S
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
         else:
-            o_mask = (rows[:, None] < S) & (pp[None, :] < P)
-        tl.store(out_base + rows[:, None] * stride_out_s + pp[None, :], acc.to(OUT.dtype.element_ty), mask=o_mask)
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=(pp[:, None] < P) & d_ok[None, :],
+                        other=0.0)
+        acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION) + bias[:, None]
+        if EVEN_P:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
+        else:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
+    if is_p2c:
+        xf = x.to(tl.float32)
+        top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
+        zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
+        edge = EDGES + b * stride_edge_b + g * stride_edge_h + rows
+        tl.store(edge, tl.sum(xf * top[None, :], 1) + bias)
+        tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1) + bias)
+
+
+@triton.jit
+def _count_to(x, n):
+    """How many k >= 0 have k * n <= x."""
+    return tl.where(x >= 0, x // n + 1, 0)
+
+
+@triton.jit
+def _first_from(x, n):
+    """The first k >= 0 with k * n >= x."""
+    return tl.where(x > 0, (x + n - 1) // n, 0)
 
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, j0,
-    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
-    LUT, LUT_LO, LUT_N, S, qk_scale,
-    MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, m_i, l_i, q, i, j0, row_vec, EDGE,
+    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, P, LUT, LUT_LO, LUT_N, S, qk_scale,
+    NEAR: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. MODE 0 (near the diagonal) gathers the position terms per element
-    through the index table LUT[d - LUT_LO]; MODE 1 (every index saturated) adds the row vector c2p_row and the
-    contiguous per-key vector EDGE_B[j]."""
+    """One key block of the online softmax. Saturated (not NEAR): every pair reads the same table column, so add the
+    row vector row_vec and the per-key vector EDGE[j]. NEAR: gather C2P[i, idx(i - j)] and P2C[j, idx(i - j)]
+    through the index table LUT[d - LUT_LO]."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
@@ -175,29 +215,33 @@ def _attend_block(
     else:
         kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
     k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MODE == 0:
-        if HAS_C2P or HAS_P2C:
-            u = tl.minimum(tl.maximum(i[:, None] - j[None, :] - LUT_LO, 0), LUT_N - 1)
-            idx = tl.load(LUT + u)
-            both = row_ok[:, None] & col_ok[None, :]
-            if HAS_C2P:
-                s += tl.load(C2P_B + i[:, None] * stride_tab_s + idx, mask=both, other=0.0).to(tl.float32)
-            if HAS_P2C:
-                s += tl.load(P2C_B + j[None, :] * stride_tab_s + idx, mask=both, other=0.0).to(tl.float32)
-    else:
+    if NEAR:
+        # The gathered terms go in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the
+        # softmax twice, once in the gathers' layout and once in the MMA layout (seen in the TTGIR).
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_C2P:
-            s += c2p_row[:, None]
+            idx = tl.load(LUT + tl.minimum(tl.maximum(i[:, None] - j[None, :] - LUT_LO, 0), LUT_N - 1))
+            bias += tl.load(C2P_B + i[:, None] * P + idx).to(tl.float32)
         if HAS_P2C:
-            s += tl.load(EDGE_B + j, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    kvalid = tl.load(MASK_B + j, mask=col_ok, other=0) != 0
-    # Hugging Face: valid query rows see valid keys; a padded query row sees every key with equal score.
-    z = tl.where(qvalid[:, None], s * qk_scale, 0.0)
-    keep = tl.where(qvalid[:, None], kvalid[None, :], col_ok[None, :])
-    z = tl.where(keep, z, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(z, 1))
+            # Loaded key-major ([keys, queries]) and transposed: each key's reads then lie in one table row along
+            # the fastest thread axis (coalesced), where query-major they hit one row per thread.
+            idx_t = tl.load(LUT + tl.minimum(tl.maximum(i[None, :] - j[:, None] - LUT_LO, 0), LUT_N - 1))
+            bias += tl.trans(tl.load(P2C_B + j[:, None] * P + idx_t)).to(tl.float32)
+        else:
+            bias += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
+        s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_C2P:
+            s += row_vec[:, None]
+        if HAS_P2C:  # the P2C edges carry the key mask
+            s += tl.load(EDGE + j)[None, :]
+        else:
+            s += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
+    # Online softmax in base 2 with the scale folded into the exponent's FMA (FlashAttention-2).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(z - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(QKV_B + j[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=kv_mask, other=0.0)
@@ -209,20 +253,21 @@ def _attend_block(
 @triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
-    TAB, C2P_OFF, P2C_OFF, stride_tab_b, stride_tab_h, stride_tab_s,
+    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     EDGES, stride_edge_b, stride_edge_h,
+    LUT, LUT_LO, LUT_N,
     MASK, stride_mask_b,
     OUT, stride_out_b, stride_out_s,
-    LUT, LUT_LO, LUT_N,
-    S, H, TOP, SAT_HI, SAT_LO, qk_scale,
+    S, H, H0, G, TOP, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    h = H0 + g
     i0 = pid_m * BLOCK_M
     i = i0 + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -237,46 +282,57 @@ def _attention_kernel(
     V_COL = 2 * H * HEAD_DIM + h * HEAD_DIM
     MASK_B = MASK + b * stride_mask_b
     qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
-    C2P_B = TAB + C2P_OFF + b * stride_tab_b + h * stride_tab_h
-    P2C_B = TAB + P2C_OFF + b * stride_tab_b + h * stride_tab_h
-    EDGE_B = EDGES + b * stride_edge_b + h * stride_edge_h
+
+    # Keys before the first and after the last valid one never get a weight: skip their blocks.
+    first = S + 0
+    last = S * 0 - 1
+    for s0 in range(0, S, SCAN):
+        o = s0 + tl.arange(0, SCAN)
+        ok = tl.load(MASK_B + o, mask=o < S, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(ok, o, S), 0))
+        last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
+    blk_first = first // BLOCK_N
+    blk_end = tl.where(tl.max(qvalid.to(tl.int32), 0) > 0, last // BLOCK_N + 1, blk_first)
+    # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
+    # index 0 (every i - j <= SAT_LO).
+    hi_end = tl.minimum(tl.maximum(_count_to(i0 - BLOCK_N + 1 - SAT_HI, BLOCK_N), blk_first), blk_end)
+    lo_start = tl.minimum(tl.maximum(_first_from(i0 + BLOCK_M - 1 - SAT_LO, BLOCK_N), hi_end), blk_end)
+
+    C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+    P2C_B = TAB + P2C_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h  # P2C at the top index, then at index 0
+    c2p_top = tl.zeros([BLOCK_M], tl.float32)
+    c2p_zero = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_C2P:
+        c2p_top = tl.load(C2P_B + i * P + TOP).to(tl.float32)
+        c2p_zero = tl.load(C2P_B + i * P).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_blocks = tl.cdiv(S, BLOCK_N)
-    # Key blocks [0, hi_end): every i - j >= SAT_HI (index TOP); [lo_start, n_blocks): every i - j <= SAT_LO (index 0).
-    x = i0 - BLOCK_N + 1 - SAT_HI
-    hi_end = tl.minimum(tl.where(x >= 0, x // BLOCK_N + 1, 0), n_blocks)
-    y = i0 + BLOCK_M - 1 - SAT_LO
-    lo_start = tl.maximum(tl.minimum((y + BLOCK_N - 1) // BLOCK_N, n_blocks), hi_end)
+    n_top = hi_end - blk_first
+    for n in range(0, n_top + blk_end - lo_start):
+        top = n < n_top
+        blk = tl.where(top, blk_first + n, lo_start + n - n_top)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, i, blk * BLOCK_N, tl.where(top, c2p_top, c2p_zero), EDGE_B + tl.where(top, 0, ROWS),
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, P, LUT, LUT_LO, LUT_N, S, qk_scale,
+            False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    for blk in range(hi_end, lo_start):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, i, blk * BLOCK_N, c2p_top, EDGE_B,
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, P, LUT, LUT_LO, LUT_N, S, qk_scale,
+            True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    c2p_row = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_C2P:
-        c2p_row = tl.load(C2P_B + i * stride_tab_s + TOP, mask=row_ok, other=0.0).to(tl.float32)
-    for n in range(0, hi_end):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B + S,
-            LUT, LUT_LO, LUT_N, S, qk_scale,
-            1, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    for n in range(hi_end, lo_start):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
-            LUT, LUT_LO, LUT_N, S, qk_scale,
-            0, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    if HAS_C2P:
-        c2p_row = tl.load(C2P_B + i * stride_tab_s, mask=row_ok, other=0.0).to(tl.float32)
-    for n in range(lo_start, n_blocks):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, row_ok, qvalid, c2p_row, n * BLOCK_N,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B, stride_tab_s, EDGE_B,
-            LUT, LUT_LO, LUT_N, S, qk_scale,
-            1, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
     tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
              out.to(OUT.dtype.element_ty), mask=io_mask)
 
@@ -290,8 +346,8 @@ class Tiles:
 
 
 def default_tiles(seq_len: int, head_dim: int, dtype: torch.dtype, programs: int = 1 << 30) -> Tiles:
-    """Tile sizes (from H100 runs; see results/fused-attention-h100/NOTES.md). `programs`: batch * heads, so that
-    short sequences get smaller query tiles and enough programs to fill the GPU."""
+    """Tile sizes (from H100 runs; see results/fused-attention-h100/NOTES.md). `programs`: batch * heads per launch,
+    so that short sequences get smaller query tiles and enough programs to fill the GPU."""
     if INTERPRET:
         return Tiles(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
@@ -305,27 +361,51 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def position_scores(qkv: torch.Tensor, pos: torch.Tensor, columns: tuple[int, ...], heads: int,
-                    head_dim: int) -> torch.Tensor:
-    """Tables [terms, B, H, S, P] = qkv[..., column block of the term] . pos[term]ᵀ per head.
+def _table_rows(seq_len: int) -> int:
+    unit = 16 if INTERPRET else 128
+    return triton.cdiv(seq_len, unit) * unit
 
-    qkv: [B, S, 3*H*D] (the fused Q|K|V projection); pos: [terms, H, P, D]; columns: start column per term
-    (0 for Q -> C2P, H*D for K -> P2C)."""
+
+# Position tables per launch stay under this many bytes: long sequences take their heads in groups.
+TABLE_BUDGET = 64 << 20
+
+
+def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
+                     budget: int = TABLE_BUDGET) -> int:
+    if positions is None:
+        return heads
+    terms, _, width, _ = positions.pos.shape
+    per_head = batch * _table_rows(seq_len) * width * terms * itemsize
+    return max(1, min(heads, budget // per_head))
+
+
+def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions,
+                    h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
+    P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
+    [B, group, 2, rows] float32 (P2C at the top index and at index 0)."""
     batch, seq, _ = qkv.shape
+    group = group or heads
+    pos = positions.pos
     terms, _, width, _ = pos.shape
-    out = torch.empty((terms, batch, heads, seq, width), device=qkv.device, dtype=qkv.dtype)
-    block_m = 16 if INTERPRET else 64
-    block_p = 16 if INTERPRET else 64
-    grid = (triton.cdiv(seq, block_m), batch * heads, terms)
-    cols = tuple(columns) + (columns[0],) * (2 - len(columns))
-    _position_scores_kernel[grid](
-        qkv, qkv.stride(0), qkv.stride(1), cols[0], cols[1],
+    rows = _table_rows(seq)
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
+    columns = [0] * terms
+    if positions.p2c_term is not None:
+        columns[positions.p2c_term] = heads * head_dim
+    block = 16 if INTERPRET else 64
+    grid = (rows // block, batch * group, terms)
+    _position_tables_kernel[grid](
+        qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
         pos, pos.stride(0), pos.stride(1), pos.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        seq, heads, width,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_P=block_p,
-        EVEN_P=width % block_p == 0, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
-    return out
+        mask, mask.stride(0),
+        tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
+        seq, h0, group, rows, width, width - 1,
+        positions.p2c_term if positions.p2c_term is not None else -1,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
+        EVEN_P=width % block == 0, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
+    return tab, edges
 
 
 @lru_cache(maxsize=None)
@@ -337,51 +417,48 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
     return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
 
-def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, rule: PositionRule | None,
-              tables: torch.Tensor | None, c2p_term: int | None, p2c_term: int | None, factor: float,
-              out: torch.Tensor | None = None, tiles: Tiles | None = None,
-              saturation: tuple[int, int] | None = None) -> torch.Tensor:
-    """Context [B, S, H*D] of one DeBERTa attention layer.
+def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
+              factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
+              saturation: tuple[int, int] | None = None, table_budget: int = TABLE_BUDGET) -> torch.Tensor:
+    """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
 
-    qkv: [B, S, 3*H*D]; mask: [B, S] (non-zero = token); tables from `position_scores` with C2P at index c2p_term
-    and P2C at p2c_term (None: the config has no such term); factor: 1/sqrt(D * scale_factor). `saturation`
-    overrides the rule's (hi, lo) bounds: for timing experiments only, results are then wrong."""
+    qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
+    factor: 1/sqrt(D * scale_factor). `saturation` overrides the rule's (hi, lo) bounds for the choice of tile
+    kind: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
         raise ValueError(f"qkv must be [B, S, 3*{heads}*{head_dim}] with unit column stride, got {tuple(qkv.shape)}")
-    if mask.shape != (batch, seq):
-        raise ValueError(f"mask must be [B, S] = {(batch, seq)}, got {tuple(mask.shape)}")
+    if mask.shape != (batch, seq) or mask.stride(1) != 1:
+        raise ValueError(f"mask must be a contiguous [B, S] = {(batch, seq)}, got {tuple(mask.shape)}")
     if out is None:
         out = torch.empty((batch, seq, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
-    tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * heads)
-    has_c2p, has_p2c = c2p_term is not None, p2c_term is not None
-    if has_c2p or has_p2c:
-        assert rule is not None and tables is not None
-        lut, lut_lo = index_table(rule, qkv.device)
-        sat_hi, sat_lo = saturation or rule.saturation
-        top = 2 * rule.span - 1
-        tab = tables
-        term_stride = tables.stride(0)
-        strides = (tables.stride(1), tables.stride(2), tables.stride(3))
-        # P2C's first and last columns as contiguous [B, H, 2, S] rows: what saturated tiles read per key.
-        p2c = tables[p2c_term or 0]
-        edges = torch.stack((p2c[..., 0], p2c[..., top]), dim=2)
-    else:
-        lut, lut_lo, top, sat_hi, sat_lo = mask, 0, 0, 1 << 30, -(1 << 30)
-        tab, term_stride, strides = qkv, 0, (0, 0, 0)
-        edges = qkv.new_zeros((1, 1, 2, 1))
-    grid = (triton.cdiv(seq, tiles.block_m), batch * heads)
-    _attention_kernel[grid](
-        qkv, qkv.stride(0), qkv.stride(1),
-        tab, (c2p_term or 0) * term_stride, (p2c_term or 0) * term_stride, *strides,
-        edges, edges.stride(0), edges.stride(1),
-        mask, mask.stride(0),
-        out, out.stride(0), out.stride(1),
-        lut, lut_lo, lut.numel(),
-        seq, heads, top, sat_hi, sat_lo, factor * _LOG2E,
-        HAS_C2P=has_c2p, HAS_P2C=has_p2c,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), table_budget)
+    tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * group)
+    for h0 in range(0, heads, group):
+        g = min(group, heads - h0)
+        if positions is None:
+            tab, edges, lut, lut_lo = qkv, qkv.new_zeros((1, 1, 2, 1), dtype=torch.float32), mask, 0
+            c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, 1 << 30, -(1 << 30)
+        else:
+            tab, edges = position_tables(qkv, mask, heads, head_dim, positions, h0, g)
+            lut, lut_lo = index_table(positions.rule, qkv.device)
+            c2p, p2c = positions.c2p_term, positions.p2c_term
+            rows, width = tab.shape[3], tab.shape[4]
+            top = width - 1
+            sat_hi, sat_lo = saturation or positions.rule.saturation
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        _attention_kernel[grid](
+            qkv, qkv.stride(0), qkv.stride(1),
+            tab, tab.stride(0) if positions is not None else 0, c2p or 0, p2c or 0, rows, width,
+            edges, edges.stride(0), edges.stride(1),
+            lut, lut_lo, lut.numel(),
+            mask, mask.stride(0),
+            out, out.stride(0), out.stride(1),
+            seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
+            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, SCAN=64 if INTERPRET else 1024, DOT_PRECISION=_dot_precision(qkv.dtype),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 

@@ -4,8 +4,8 @@
 convolution layer stay Hugging Face's own modules. Per layer the encoder runs:
 
     qkv   = x . [Wq|Wk|Wv]ᵀ + b          one GEMM instead of three
-    pos   = C2P, P2C tables               fused_attention.position_scores (Kr, Qr precomputed once per model)
-    ctx   = fused attention               fused_attention.attention, never an S x S tensor
+    ctx   = fused attention               fused_attention.attention: position tables (Kr, Qr precomputed once per
+                                          model), then the flash-style kernel; never an S x S tensor
     h     = LayerNorm(ctx . Woᵀ + bo + x) GEMM, then one fused add + LayerNorm kernel
     x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)
 
@@ -68,37 +68,29 @@ class _Layer:
         self.out_dense, self.out_norm = layer.attention.output.dense, layer.attention.output.LayerNorm
         self.inter_dense, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
         self.ffn_dense, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
-        self.pos = None
-        self.columns: tuple[int, ...] = ()
-        self.c2p_term = self.p2c_term = None
+        self.positions: fa.Positions | None = None
         if rule is None or not terms:
             return
         rel = rel_embeddings[: 2 * rule.span].unsqueeze(0)
-        pos, columns = [], []
+        pos, c2p_term, p2c_term = [], None, None
         with torch.no_grad():
             if "c2p" in terms:
                 proj = att.key_proj if att.share_att_key else att.pos_key_proj
-                self.c2p_term = len(pos)
+                c2p_term = len(pos)
                 pos.append(self._heads(proj(rel)))
-                columns.append(0)
             if "p2c" in terms:
                 proj = att.query_proj if att.share_att_key else att.pos_query_proj
-                self.p2c_term = len(pos)
+                p2c_term = len(pos)
                 pos.append(self._heads(proj(rel)))
-                columns.append(self.heads * self.head_dim)
-        self.pos = torch.stack(pos).contiguous()  # [terms, H, 2*span, D]
-        self.columns = tuple(columns)
+        # [terms, H, 2*span, D]
+        self.positions = fa.Positions(rule, torch.stack(pos).contiguous(), c2p_term, p2c_term)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x[0].view(x.shape[1], self.heads, self.head_dim).permute(1, 0, 2)
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, rule) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         qkv = torch.nn.functional.linear(x, self.w_qkv, self.b_qkv)
-        tables = None
-        if self.pos is not None:
-            tables = fa.position_scores(qkv, self.pos, self.columns, self.heads, self.head_dim)
-        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, rule, tables, self.c2p_term, self.p2c_term,
-                           self.factor)
+        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         return add_layer_norm(self.ffn_dense(self.act(self.inter_dense(h))), h, self.ffn_norm)
 
@@ -144,7 +136,7 @@ class FusedEncoder(nn.Module):
         with torch.no_grad():
             self._prepare(hidden_states.device, hidden_states.dtype)
             for n, layer in enumerate(self._layers):
-                x = layer(x, mask, self.rule)
+                x = layer(x, mask)
                 if n == 0 and self.original.conv is not None:
                     x = self.original.conv(hidden_states, x, attention_mask)
                 if keep:

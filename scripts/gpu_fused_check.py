@@ -4,10 +4,12 @@
 1. The kernel's log-bucket index against Hugging Face's make_log_bucket_position computed on this GPU and on the CPU.
 2. Whole models, fp16 and bf16 fused vs the fp32 Hugging Face model (TF32 off), padded batch, for the demo config
    and v3-xsmall/base/large-shaped random configs: relative L2 on the real tokens, NaN check.
-3. The attention kernel alone at S=2048 (and the other lengths) against PyTorch SDPA (flash) on the same Q/K/V
-   shapes, for a few tile choices.
+3. The attention kernel (real mix of tiles, all far, no position terms, tables alone) against PyTorch SDPA (flash)
+   on the same Q/K/V shapes, for one or several tile choices.
+4. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
+   and where the memory goes at 8192 tokens.
 
-    python scripts/gpu_fused_check.py [--quick]
+    python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep]
 """
 
 import argparse
@@ -63,84 +65,137 @@ def model_check(shapes, seqs, batch):
                         "finite"], rows))
 
 
-def kernel_timing(seqs, tiles_list):
-    rows = []
-    heads, dim, span = 6, 64, 256
-    rule = fa.PositionRule(256, 256, 512)
-    for seq in seqs:
-        qkv = torch.randn(1, seq, 3 * heads * dim, device="cuda", dtype=torch.float16)
-        pos = torch.randn(2, heads, 2 * span, dim, device="cuda", dtype=torch.float16)
-        mask = torch.ones(1, seq, dtype=torch.int32, device="cuda")
-        tables = fa.position_scores(qkv, pos, (0, heads * dim), heads, dim)
-        t_tab = do_bench(lambda: fa.position_scores(qkv, pos, (0, heads * dim), heads, dim), return_mode="median")
-        q, k, v = qkv.view(1, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
-        t_sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
-        for tiles in tiles_list:
-            try:
-                run = lambda: fa.attention(qkv, mask, heads, dim, rule, tables, 0, 1, 0.07, tiles=tiles)  # noqa
-                t = do_bench(run, return_mode="median")
-            except Exception as err:  # resource limits of a tile choice
-                rows.append([str(seq), str(tiles), f"failed: {type(err).__name__}", "", "", ""])
-                continue
-            rows.append([str(seq), f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}",
-                         f"{t * 1e3:.1f}", f"{t_tab * 1e3:.1f}", f"{t_sdpa * 1e3:.1f}", f"{t / t_sdpa:.2f}"])
-    print(report.table(["seq", "tiles", "fused attention us", "position tables us", "SDPA us",
-                        "attention / SDPA"], rows))
+def _inputs(seq, heads=6, dim=64, span=256, batch=1):
+    qkv = torch.randn(batch, seq, 3 * heads * dim, device="cuda", dtype=torch.float16)
+    positions = fa.Positions(fa.PositionRule(span, span, 2 * span),
+                             torch.randn(2, heads, 2 * span, dim, device="cuda", dtype=torch.float16), 0, 1)
+    mask = torch.ones(batch, seq, dtype=torch.int32, device="cuda")
+    return qkv, positions, mask
 
 
-def variant_timing(seqs, tiles):
-    """Where the kernel's time goes: every tile gathered (near), every tile saturated (far), no position terms."""
+def _graph_us(fn, launches=10):
+    """Microseconds per call of fn, replayed from a CUDA graph of `launches` calls (no host launch cost)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return do_bench(graph.replay, return_mode="median") * 1e3 / launches
+
+
+def variant_timing(seqs, tiles_list, batch=1):
+    """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
+    terms (plain flash attention with a padding mask), the position tables alone, and SDPA on the same shapes."""
     rows = []
-    heads, dim, span = 6, 64, 256
-    rule = fa.PositionRule(256, 256, 512)
+    heads, dim = 6, 64
     big = 1 << 20
     for seq in seqs:
-        qkv = torch.randn(1, seq, 3 * heads * dim, device="cuda", dtype=torch.float16)
-        pos = torch.randn(2, heads, 2 * span, dim, device="cuda", dtype=torch.float16)
-        mask = torch.ones(1, seq, dtype=torch.int32, device="cuda")
-        tables = fa.position_scores(qkv, pos, (0, heads * dim), heads, dim)
-        q, k, v = qkv.view(1, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
-        graph_time = {}
-        cases = {
-            "real": lambda: fa.attention(qkv, mask, heads, dim, rule, tables, 0, 1, 0.07, tiles=tiles),
-            "all near (gather)": lambda: fa.attention(qkv, mask, heads, dim, rule, tables, 0, 1, 0.07, tiles=tiles,
-                                                      saturation=(big, -big)),
-            "all far (vectors)": lambda: fa.attention(qkv, mask, heads, dim, rule, tables, 0, 1, 0.07, tiles=tiles,
+        qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
+        q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
+        sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        for tiles in tiles_list:
+            cases = {
+                "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
+                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions),
+                "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
-            "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, None, None, None, 0.07,
-                                                      tiles=tiles),
-            "position tables": lambda: fa.position_scores(qkv, pos, (0, heads * dim), heads, dim),
-            "SDPA": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-        }
-        for name, fn in cases.items():
-            fn()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    fn()
-            graph_time[name] = do_bench(graph.replay, return_mode="median") / 10
-        rows += [[str(seq), name, f"{t * 1e3:.1f}"] for name, t in graph_time.items()]
-    print(f"tiles {tiles}, 10 launches per CUDA graph replay (no host launch cost):")
-    print(report.table(["seq", "case", "us per call"], rows))
+                "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
+            }
+            for name, fn in cases.items():
+                try:
+                    t = _graph_us(fn)
+                except Exception as err:  # resource limits of a tile choice
+                    rows.append([str(seq), _tiles(tiles), name, f"failed: {type(err).__name__}", "", ""])
+                    continue
+                rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
+    print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
+    print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
 
 
-def end_to_end(seqs, batch_list):
+def _tiles(t):
+    return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
+
+
+def _model(seq_config=512):
+    return export.random_model(export.seed_config(seq_config)).cuda().half()
+
+
+def end_to_end(seqs, batch_list, tiles=None, label="default tiles"):
     rows = []
-    model = export.random_model(export.seed_config(512)).cuda().half()
+    model = _model()
     fused = fused_model.fuse(model)
-    runner = fused_model.GraphRunner(fused)
-    for batch in batch_list:
-        for seq in seqs:
-            feeds = random_inputs(batch, seq, model.config.vocab_size, seed=1)
-            ids = torch.from_numpy(feeds["input_ids"]).cuda()
-            mask = torch.from_numpy(feeds["attention_mask"]).cuda()
-            torch.cuda.reset_peak_memory_stats()
-            t = do_bench(lambda: runner(ids, mask), warmup=50, rep=300, return_mode="median")
-            rows.append([str(batch), str(seq), f"{t:.3f}", f"{batch * 1e3 / t:,.0f}",
-                         f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"])
-            runner.graphs.clear()
-            torch.cuda.empty_cache()
-    print(report.table(["batch", "seq", "fused + CUDA graph ms", "sequences/s", "peak GiB"], rows))
+    original = fa.default_tiles
+    if tiles is not None:
+        fa.default_tiles = lambda *a, **k: tiles
+    try:
+        runner = fused_model.GraphRunner(fused)
+        for batch in batch_list:
+            for seq in seqs:
+                feeds = random_inputs(batch, seq, model.config.vocab_size, seed=1)
+                ids = torch.from_numpy(feeds["input_ids"]).cuda()
+                mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+                torch.cuda.reset_peak_memory_stats()
+                t = do_bench(lambda: runner(ids, mask), warmup=50, rep=300, return_mode="median")
+                rows.append([label, str(batch), str(seq), f"{t:.3f}", f"{batch * 1e3 / t:,.0f}",
+                             f"{torch.cuda.max_memory_allocated() / 2**30:.3f}"])
+                runner.graphs.clear()
+                torch.cuda.empty_cache()
+    finally:
+        fa.default_tiles = original
+    print(report.table(["tiles", "batch", "seq", "fused + CUDA graph ms", "sequences/s", "peak GiB"], rows))
+
+
+def profile(seq, batch):
+    """CUDA time per kernel name over one replayed forward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = _model()
+    runner = fused_model.GraphRunner(fused_model.fuse(model))
+    feeds = random_inputs(batch, seq, model.config.vocab_size, seed=1)
+    ids = torch.from_numpy(feeds["input_ids"]).cuda()
+    mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+    for _ in range(5):
+        runner(ids, mask)
+    torch.cuda.synchronize()
+    # Eager run under the profiler (graph replays show as one item): same kernels as the captured graph.
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            runner.model(input_ids=ids, attention_mask=mask)
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            name = e.name[:60]
+            count, us = totals.get(name, (0, 0.0))
+            totals[name] = (count + 1, us + e.device_time)
+    total = sum(us for _, us in totals.values()) / 10
+    rows = [[name, str(count // 10), f"{us / 10:.1f}", f"{100 * us / 10 / total:.0f}%"]
+            for name, (count, us) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:14]]
+    print(f"batch {batch}, seq {seq}: GPU time per forward {total:.0f} us, launches per forward "
+          f"{sum(c for c, _ in totals.values()) // 10}")
+    print(report.table(["kernel", "launches", "us per forward", "share"], rows))
+
+
+def memory(seq):
+    """Where the peak goes at one long sequence: weights, the fused weights, one forward."""
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = _model()
+    weights = torch.cuda.memory_allocated() - base
+    fused = fused_model.fuse(model)
+    feeds = random_inputs(1, seq, model.config.vocab_size, seed=1)
+    ids = torch.from_numpy(feeds["input_ids"]).cuda()
+    mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+    with torch.no_grad():
+        fused(input_ids=ids, attention_mask=mask)
+    prepared = torch.cuda.memory_allocated() - base - weights
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        fused(input_ids=ids, attention_mask=mask)
+    peak = torch.cuda.max_memory_allocated() - base
+    mib = 2 ** 20
+    print(report.table(["seq", "weights MiB", "fused extras MiB", "forward peak MiB (all)", "activations MiB"],
+                       [[str(seq), f"{weights / mib:.0f}", f"{prepared / mib:.0f}", f"{peak / mib:.0f}",
+                         f"{(peak - weights - prepared) / mib:.0f}"]]))
 
 
 def main():
@@ -148,23 +203,31 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--variants-only", action="store_true")
-    parser.add_argument("--tile-sweep", action="store_true", help="kernel variants for several tile shapes")
+    parser.add_argument("--skip-variants", action="store_true")
+    parser.add_argument("--tile-sweep", action="store_true", help="kernel variants and end to end for several tiles")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
-    for tiles in ([fa.Tiles(64, 64, 4, 2)] if not args.tile_sweep else
-                  [fa.Tiles(64, 64, 4, 2), fa.Tiles(64, 64, 4, 3), fa.Tiles(64, 32, 4, 2), fa.Tiles(64, 64, 8, 2),
-                   fa.Tiles(32, 64, 4, 2), fa.Tiles(128, 64, 8, 3), fa.Tiles(32, 32, 2, 2)]):
-        variant_timing([512, 2048, 8192], tiles)
+    sweep = [fa.Tiles(64, 64, 4, 2), fa.Tiles(32, 64, 4, 2), fa.Tiles(64, 64, 4, 3), fa.Tiles(128, 64, 8, 2),
+             fa.Tiles(128, 128, 8, 2)]
+    if not args.skip_variants:
+        variant_timing([512, 2048, 8192], sweep if args.tile_sweep else sweep[:1])
+        if args.tile_sweep:
+            variant_timing([512], sweep, batch=32)
     if args.variants_only:
         return
     index_check()
     if not args.skip_models:
         model_check(["seed", "v3-xsmall", "v3-base", "v3-large"], [512] if args.quick else [512, 777], batch=4)
-    tiles = [fa.Tiles(64, 64, 4, 2), fa.Tiles(64, 64, 4, 3), fa.Tiles(128, 64, 8, 2), fa.Tiles(128, 64, 4, 2),
-             fa.Tiles(128, 32, 4, 2), fa.Tiles(64, 32, 4, 2), fa.Tiles(128, 128, 8, 2), fa.Tiles(32, 64, 4, 2)]
-    kernel_timing([512, 2048, 8192], tiles)
     end_to_end([512, 2048, 8192], [1])
-    end_to_end([512], [8, 32, 64])
+    end_to_end([512], [32])
+    if args.tile_sweep:
+        for tiles in sweep:
+            end_to_end([512, 2048, 8192], [1], tiles, _tiles(tiles))
+            end_to_end([512], [32], tiles, _tiles(tiles))
+    profile(512, 1)
+    profile(2048, 1)
+    profile(512, 32)
+    memory(8192)
 
 
 if __name__ == "__main__":

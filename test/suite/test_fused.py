@@ -51,7 +51,7 @@ def test_saturation_bounds_match_the_rule():
         assert rule.index(torch.tensor([lo + 1]))[0] != 0 and torch.all(rule.index(torch.arange(lo - 3000, lo + 1)) == 0)
 
 
-def _attention_case(name, batch, seq, seed=0, **extra):
+def _attention_case(name, batch, seq, seed=0, table_budget=fa.TABLE_BUDGET, **extra):
     """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 inputs of the same layer."""
     torch.manual_seed(seed)
     ref_model = make_model(name, **extra).double()
@@ -67,12 +67,9 @@ def _attention_case(name, batch, seq, seed=0, **extra):
         encoder._prepare(torch.device(DEVICE), torch.float32)
         layer = encoder._layers[0]
         qkv = torch.nn.functional.linear(x.float().to(DEVICE), layer.w_qkv, layer.b_qkv)
-        tables = None
-        if layer.pos is not None:
-            tables = fa.position_scores(qkv, layer.pos, layer.columns, layer.heads, layer.head_dim)
         out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE)
-        fa.attention(qkv, mask.to(torch.int32).to(DEVICE), layer.heads, layer.head_dim, encoder.rule, tables,
-                     layer.c2p_term, layer.p2c_term, layer.factor, out=out)
+        fa.attention(qkv, mask.to(torch.int32).to(DEVICE), layer.heads, layer.head_dim, layer.positions,
+                     layer.factor, out=out, table_budget=table_budget)
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     return _rel(out, want), encoder.rule
 
