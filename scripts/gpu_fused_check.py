@@ -96,7 +96,7 @@ def variant_timing(seqs, tiles_list, batch=1):
         for tiles in tiles_list:
             cases = {
                 "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
-                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions),
+                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions, tiles),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
