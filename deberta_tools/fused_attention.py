@@ -126,70 +126,21 @@ class Positions:
     p2c_term: int | None
 
 
-@dataclass(frozen=True)
-class TableLayout:
-    """Where the position tables keep each (row, distance) pair.
-
-    The tables are expanded per distance: table[row, pad + d - d_lo] holds Q_row . Kr[idx(d)] (C2P, rows are
-    queries, d = i - j) or K_row . Qr[idx(d)] (P2C, rows are keys) for d_lo <= d <= d_hi, the distances between the
-    rule's saturation bounds that a sequence of `rows` tokens can reach. Along a row of a (query, key) tile the
-    C2P address i*pitch_c + i - j = i*(pitch_c + 1) - j, and along a column the P2C address j*pitch_p + i - j =
-    j*(pitch_p - 1) + i, are contiguous runs; pitch_c + 1 and pitch_p - 1 are multiples of 16 and the pads put the
-    runs' starts on 16-element boundaries, so the attention kernel reads both with vector loads and no index
-    arithmetic (keys are walked in reverse inside a tile so that C2P's run ascends)."""
-
-    rows: int      # sequence length rounded up to whole tiles
-    d_lo: int
-    width: int     # d_hi = d_lo + width - 1
-    block_n: int
-    pad_c: int
-    pad_p: int
-    pitch_c: int
-    pitch_p: int
-
-    @property
-    def c_base(self) -> int:
-        return self.pad_c - self.block_n + 1 - self.d_lo
-
-    @property
-    def p_base(self) -> int:
-        return self.pad_p - self.d_lo
-
-
-@lru_cache(maxsize=None)
-def table_layout(rule: PositionRule, seq_len: int, block_m: int, block_n: int) -> TableLayout:
-    unit = max(16 if INTERPRET else 64, block_m, block_n)
-    rows = triton.cdiv(seq_len, unit) * unit
-    hi, lo = rule.saturation
-    d_lo, d_hi = max(lo, 1 - rows), min(hi, rows - 1)
-    width = d_hi - d_lo + 1
-    pad_c = (block_n - 1 + d_lo) % 16
-    pad_p = d_lo % 16
-    pitch_c = triton.cdiv(pad_c + width + 1, 16) * 16 - 1
-    pitch_p = triton.cdiv(max(pad_p + width - 1, 1), 16) * 16 + 1
-    return TableLayout(rows, d_lo, width, block_n, pad_c, pad_p, pitch_c, pitch_p)
-
-
 @triton.jit
 def _position_tables_kernel(
     QKV, stride_qkv_b, stride_qkv_s, COL0, COL1,
     POS, stride_pos_t, stride_pos_h, stride_pos_p,
-    LUT, LUT_LO, LUT_N,
     MASK, stride_mask_b,
-    TAB, OFF0, OFF1, PITCH0, PITCH1, PAD0, PAD1,
-    EDGES, stride_edge_b, stride_edge_h, EDGE0, EDGE1,
-    S, H0, G, ROWS, D_LO, WIDTH, TOP, P2C_TERM,
+    TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
+    S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    EVEN_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Term t (0 or 1) of heads H0 .. H0+G-1, rows of one block: TAB[OFF_t + ((b*G + g)*ROWS + r)*PITCH_t + PAD_t + c]
-    = X_t[b, r, h] . POS[t, h, idx(D_LO + c)] for c < WIDTH, where X_t is read at column COL_t of QKV; the P2C
-    term adds 0 for valid and -inf for padded keys (and rows past S), so masked keys need nothing more.
-    EDGES[b, g, EDGE_t + e, r] (float32) are the same products at idx 2*span-1 (e = 0) and idx 0 (e = 1): what the
-    saturated tiles read."""
-    n_cols = tl.cdiv(WIDTH, BLOCK_P)
-    pid_m = tl.program_id(0) // n_cols
-    pid_c = tl.program_id(0) % n_cols
+    """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
+    (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
+    and rows past S, so the attention kernel needs no key mask. The P2C term also writes its columns TOP and 0 as
+    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key."""
+    pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     term = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
@@ -201,28 +152,33 @@ def _position_tables_kernel(
     col = tl.where(term == 0, COL0, COL1) + h * HEAD_DIM
     if HEAD_DIM == BLOCK_D:
         x_mask = in_seq[:, None]
-        d_mask = dd < BLOCK_D
+        d_ok = dd < BLOCK_D
     else:
         x_mask = in_seq[:, None] & (dd[None, :] < HEAD_DIM)
-        d_mask = dd < HEAD_DIM
+        d_ok = dd < HEAD_DIM
     x = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + col + dd[None, :], mask=x_mask, other=0.0)
+    is_p2c = term == P2C_TERM
     padded = tl.load(MASK + b * stride_mask_b + rows, mask=in_seq, other=0) == 0
-    bias = tl.where((term == P2C_TERM) & padded, float("-inf"), 0.0)
-    pitch = tl.where(term == 0, PITCH0, PITCH1)
-    start = tl.where(term == 0, OFF0 + PAD0, OFF1 + PAD1).to(tl.int64)
-    row_base = TAB + start + (pid_bg.to(tl.int64) * ROWS + rows) * pitch
+    bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
+    row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
-    # One [BLOCK_M, BLOCK_P] tile per program: a loop over the columns left the kernel waiting on memory.
-    c = pid_c * BLOCK_P + tl.arange(0, BLOCK_P)
-    idx = tl.load(LUT + tl.minimum(tl.maximum(D_LO + c - LUT_LO, 0), LUT_N - 1))
-    r = tl.load(pos_base + idx[:, None] * stride_pos_p + dd[None, :], mask=d_mask[None, :], other=0.0)
-    acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION) + bias[:, None]
-    tl.store(row_base[:, None] + c[None, :], acc.to(TAB.dtype.element_ty), mask=c[None, :] < WIDTH)
-    if pid_c == 0:
+    for p0 in range(0, P, BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        if EVEN_P:
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
+        else:
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=(pp[:, None] < P) & d_ok[None, :],
+                        other=0.0)
+        acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION) + bias[:, None]
+        if EVEN_P:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
+        else:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
+    if is_p2c:
         xf = x.to(tl.float32)
-        top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_mask, other=0.0).to(tl.float32)
-        zero = tl.load(pos_base + dd, mask=d_mask, other=0.0).to(tl.float32)
-        edge = EDGES + b * stride_edge_b + g * stride_edge_h + tl.where(term == 0, EDGE0, EDGE1) * ROWS + rows
+        top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
+        zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
+        edge = EDGES + b * stride_edge_b + g * stride_edge_h + rows
         tl.store(edge, tl.sum(xf * top[None, :], 1) + bias)
         tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1) + bias)
 
@@ -240,19 +196,70 @@ def _first_from(x, n):
 
 
 @triton.jit
+def _near_first(i0, SAT_HI, BLOCK_N: tl.constexpr):
+    """First key block of row block i0 that is not saturated at the top index (every i - j >= SAT_HI)."""
+    return _count_to(i0 - BLOCK_N + 1 - SAT_HI, BLOCK_N)
+
+
+@triton.jit
+def _near_end(i0, SAT_LO, N_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One past the last key block of row block i0 that is not saturated at index 0 (every i - j <= SAT_LO)."""
+    return tl.minimum(_first_from(i0 + BLOCK_M - 1 - SAT_LO, BLOCK_N), N_BLOCKS)
+
+
+@triton.jit
+def _near_band_kernel(
+    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
+    LUT, LUT_LO, LUT_N,
+    MASK, stride_mask_b,
+    BAND, stride_band_bg, NB,
+    S, G, SAT_HI, SAT_LO,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
+    BAND[b, g, i, slot * BLOCK_N + t] = C2P[i, idx(i - j)] + P2C[j, idx(i - j)] (P2C carries the key mask) for key
+    j = (first near block of i's row block + slot) * BLOCK_N + t. The gathers through the index table happen here,
+    in parallel and away from the softmax; the attention kernel then reads each near tile with aligned vector
+    loads."""
+    pid = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    m = pid // NB
+    slot = pid % NB
+    i0 = m * BLOCK_M
+    blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
+    if blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N):
+        i = i0 + tl.arange(0, BLOCK_M)
+        j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+        P2C_B = TAB + P2C_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+        val = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_C2P:
+            idx = tl.load(LUT + tl.minimum(tl.maximum(i[:, None] - j[None, :] - LUT_LO, 0), LUT_N - 1))
+            val += tl.load(C2P_B + i[:, None] * P + idx).to(tl.float32)
+        if HAS_P2C:
+            # Key-major gather, then transposed: each key's reads lie in one table row (coalesced).
+            idx_t = tl.load(LUT + tl.minimum(tl.maximum(i[None, :] - j[:, None] - LUT_LO, 0), LUT_N - 1))
+            val += tl.trans(tl.load(P2C_B + j[:, None] * P + idx_t)).to(tl.float32)
+        else:
+            b = pid_bg // G
+            key_ok = tl.load(MASK + b.to(tl.int64) * stride_mask_b + j, mask=j < S, other=0) != 0
+            val += tl.where(key_ok, 0.0, float("-inf"))[None, :]
+        out = BAND + pid_bg.to(tl.int64) * stride_band_bg + i[:, None] * (NB * BLOCK_N) + slot * BLOCK_N
+        tl.store(out + tl.arange(0, BLOCK_N)[None, :], val.to(BAND.dtype.element_ty))
+
+
+@triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, i, j0, row_vec, EDGE,
-    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B,
-    PITCH_C, PITCH_P, PAD_C, PAD_P, STRIDE_CD, STRIDE_PD, C_BASE, P_BASE, D_LO, WIDTH, S, qk_scale,
-    MODE: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_ROW,
+    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+    NEAR: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax, keys j0 + BLOCK_N - 1 down to j0. MODE 0: every pair saturated, add the
-    row vector row_vec and the per-key vector EDGE[j]. MODE 1: near the diagonal, some distances outside the table:
-    clamped addresses. MODE 2: every distance in the table: contiguous, aligned rows of it."""
-    t = tl.arange(0, BLOCK_N)
-    j = j0 + BLOCK_N - 1 - t
+    """One key block of the online softmax. Saturated (not NEAR): every pair reads the same table column, so add the
+    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the tile of the near band whose rows start at
+    BAND_ROW."""
+    j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
     # A mask along the contiguous head axis stops Triton from vectorising the loads: only mask it when needed.
@@ -261,7 +268,12 @@ def _attend_block(
     else:
         kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
     k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
-    if MODE == 0:
+    if NEAR:
+        # The band tile goes in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
+        # twice, once in the load layout and once in the MMA layout (seen in the TTGIR).
+        bias = tl.load(BAND_ROW[:, None] + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
+    else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_C2P:
             s += row_vec[:, None]
@@ -269,26 +281,6 @@ def _attend_block(
             s += tl.load(EDGE + j)[None, :]
         else:
             s += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
-    else:
-        # Table tiles go in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax twice,
-        # once in the tables' load layout and once in the MMA layout (seen in the TTGIR).
-        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if MODE == 1:
-            if HAS_C2P:
-                e = tl.minimum(tl.maximum(i[:, None] - j[None, :] - D_LO, 0), WIDTH - 1)
-                bias += tl.load(C2P_B + i[:, None] * PITCH_C + PAD_C + e).to(tl.float32)
-            if HAS_P2C:
-                e = tl.minimum(tl.maximum(i[None, :] - j[:, None] - D_LO, 0), WIDTH - 1)
-                bias += tl.trans(tl.load(P2C_B + j[:, None] * PITCH_P + PAD_P + e)).to(tl.float32)
-        else:
-            if HAS_C2P:
-                bias += tl.load(C2P_B + i[:, None] * STRIDE_CD + (C_BASE - j0) + t[None, :]).to(tl.float32)
-            if HAS_P2C:
-                # Loaded key-major and transposed: along a key's table row the query run is contiguous.
-                bias += tl.trans(tl.load(P2C_B + j[:, None] * STRIDE_PD + P_BASE + i[None, :])).to(tl.float32)
-        if not HAS_P2C:  # otherwise the P2C values carry the key mask
-            bias += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
-        s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
     # Online softmax in base 2 with the scale folded into the exponent's FMA (FlashAttention-2).
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -304,11 +296,12 @@ def _attend_block(
 @triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
-    TAB, OFF_P, PITCH_C, PITCH_P, PAD_C, PAD_P, STRIDE_CD, STRIDE_PD, C_BASE, P_BASE, D_LO, WIDTH, ROWS,
+    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     EDGES, stride_edge_b, stride_edge_h,
+    BAND, stride_band_bg, NB,
     MASK, stride_mask_b,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
+    S, H, H0, G, TOP, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -343,21 +336,21 @@ def _attention_kernel(
         last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
     blk_first = first // BLOCK_N
     blk_end = tl.where(tl.max(qvalid.to(tl.int32), 0) > 0, last // BLOCK_N + 1, blk_first)
-    # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near with distances outside the
-    # table, near with every distance in the table, near again, saturated at index 0 (every i - j <= SAT_LO).
-    hi_end = tl.minimum(tl.maximum(_count_to(i0 - BLOCK_N + 1 - SAT_HI, BLOCK_N), blk_first), blk_end)
-    in_start = tl.minimum(tl.maximum(_first_from(i0 + BLOCK_M - 1 - (D_LO + WIDTH - 1), BLOCK_N), hi_end), blk_end)
-    in_end = tl.minimum(tl.maximum(_count_to(i0 - BLOCK_N + 1 - D_LO, BLOCK_N), in_start), blk_end)
-    lo_start = tl.minimum(tl.maximum(_first_from(i0 + BLOCK_M - 1 - SAT_LO, BLOCK_N), in_end), blk_end)
+    # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
+    # index 0 (every i - j <= SAT_LO).
+    near_first = _near_first(i0, SAT_HI, BLOCK_N)
+    hi_end = tl.minimum(tl.maximum(near_first, blk_first), blk_end)
+    lo_start = tl.minimum(tl.maximum(_near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N), hi_end), blk_end)
+    # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
+    BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
-    C2P_B = TAB + pid_bg.to(tl.int64) * ROWS * PITCH_C
-    P2C_B = TAB + OFF_P + pid_bg.to(tl.int64) * ROWS * PITCH_P
-    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h  # rows: C2P at top, C2P at 0, P2C at top, P2C at 0
+    C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h  # P2C at the top index, then at index 0
     c2p_top = tl.zeros([BLOCK_M], tl.float32)
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
     if HAS_C2P:
-        c2p_top = tl.load(EDGE_B + i)
-        c2p_zero = tl.load(EDGE_B + ROWS + i)
+        c2p_top = tl.load(C2P_B + i * P + TOP).to(tl.float32)
+        c2p_zero = tl.load(C2P_B + i * P).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -367,25 +360,14 @@ def _attention_kernel(
         top = n < n_top
         blk = tl.where(top, blk_first + n, lo_start + n - n_top)
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, blk * BLOCK_N, tl.where(top, c2p_top, c2p_zero),
-            EDGE_B + tl.where(top, 2, 3) * ROWS,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B,
-            PITCH_C, PITCH_P, PAD_C, PAD_P, STRIDE_CD, STRIDE_PD, C_BASE, P_BASE, D_LO, WIDTH, S, qk_scale,
-            0, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    n_high = in_start - hi_end
-    for n in range(0, n_high + lo_start - in_end):
-        blk = tl.where(n < n_high, hi_end + n, in_end + n - n_high)
+            acc, m_i, l_i, q, blk * BLOCK_N, tl.where(top, c2p_top, c2p_zero), EDGE_B + tl.where(top, 0, ROWS),
+            BAND_ROW, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+            False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    for blk in range(hi_end, lo_start):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, blk * BLOCK_N, c2p_top, EDGE_B,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B,
-            PITCH_C, PITCH_P, PAD_C, PAD_P, STRIDE_CD, STRIDE_PD, C_BASE, P_BASE, D_LO, WIDTH, S, qk_scale,
-            1, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    for blk in range(in_start, in_end):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, i, blk * BLOCK_N, c2p_top, EDGE_B,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, C2P_B, P2C_B,
-            PITCH_C, PITCH_P, PAD_C, PAD_P, STRIDE_CD, STRIDE_PD, C_BASE, P_BASE, D_LO, WIDTH, S, qk_scale,
-            2, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+            True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
@@ -424,7 +406,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# Position tables per launch stay under this many bytes: longer sequences take their heads in groups.
+def _table_rows(seq_len: int) -> int:
+    unit = 16 if INTERPRET else 128
+    return triton.cdiv(seq_len, unit) * unit
+
+
+# Position tables per launch stay under this many bytes: long sequences take their heads in groups.
 TABLE_BUDGET = 64 << 20
 
 
@@ -432,55 +419,85 @@ def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, head
                      budget: int = TABLE_BUDGET) -> int:
     if positions is None:
         return heads
+    terms, _, width, _ = positions.pos.shape
     hi, lo = positions.rule.saturation
-    width = min(hi, seq_len) - max(lo, -seq_len) + 48
-    per_head = batch * (triton.cdiv(seq_len, 128) * 128) * width * positions.pos.shape[0] * itemsize
+    rows = _table_rows(seq_len)
+    per_head = batch * rows * (width * terms + min(rows, hi - lo + 256)) * itemsize
     return max(1, min(heads, budget // per_head))
 
 
-def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions,
-                    tiles: Tiles, h0: int = 0, group: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, TableLayout]:
-    """(tables, edges, layout) of heads h0 .. h0+group-1 for the attention kernel with these tiles: the C2P table
-    [B, group, rows, pitch_c] then the P2C table [B, group, rows, pitch_p] in one flat buffer (either may be
-    absent), and the float32 edges [B, group, 4, rows] (C2P at the top index, C2P at index 0, P2C at the top
-    index, P2C at index 0)."""
-    batch, seq, _ = qkv.shape
-    group = group or heads
-    layout = table_layout(positions.rule, seq, tiles.block_m, tiles.block_n)
-    rule, pos = positions.rule, positions.pos
-    n = batch * group * layout.rows
-    size_c = n * layout.pitch_c if positions.c2p_term is not None else 0
-    size_p = n * layout.pitch_p if positions.p2c_term is not None else 0
-    tab = torch.empty(size_c + size_p, device=qkv.device, dtype=qkv.dtype)
-    edges = torch.empty((batch, group, 4, layout.rows), device=qkv.device, dtype=torch.float32)
-    lut, lut_lo = index_table(rule, qkv.device)
-    per_term = {}  # term -> (column, offset, pitch, pad, edge row)
-    if positions.c2p_term is not None:
-        per_term[positions.c2p_term] = (0, 0, layout.pitch_c, layout.pad_c, 0)
-    if positions.p2c_term is not None:
-        per_term[positions.p2c_term] = (heads * head_dim, size_c, layout.pitch_p, layout.pad_p, 2)
-    t0, t1 = per_term[0], per_term.get(1, per_term[0])
-    block = 16 if INTERPRET else 64
-    grid = (layout.rows // block * triton.cdiv(layout.width, block), batch * group, len(per_term))
-    _position_tables_kernel[grid](
-        qkv, qkv.stride(0), qkv.stride(1), t0[0], t1[0],
-        pos, pos.stride(0), pos.stride(1), pos.stride(2),
+@lru_cache(maxsize=None)
+def near_slots(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> int:
+    """The most key blocks any row block has near the diagonal (neither saturated at the top index nor at 0): the
+    near band's width in key blocks. The same arithmetic as the kernels' _near_first / _near_end."""
+    hi, lo = saturation
+    n_blocks = triton.cdiv(seq_len, block_n)
+    most = 0
+    for i0 in range(0, seq_len, block_m):
+        x = i0 - block_n + 1 - hi
+        first = x // block_n + 1 if x >= 0 else 0
+        y = i0 + block_m - 1 - lo
+        end = min((y + block_n - 1) // block_n if y > 0 else 0, n_blocks)
+        most = max(most, end - first)
+    return max(most, 1)
+
+
+def near_band(tables: torch.Tensor, mask: torch.Tensor, positions: Positions, tiles: Tiles, group: int,
+              saturation: tuple[int, int] | None = None) -> torch.Tensor:
+    """The near-diagonal position terms [B * group, rows, slots * block_n] in the attention kernel's tiles (see
+    `_near_band_kernel`), from `position_tables`' tables."""
+    _, batch, _, rows, width = tables.shape
+    seq = mask.shape[1]
+    sat = saturation or positions.rule.saturation
+    slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
+    band = torch.empty((batch * group, rows, slots * tiles.block_n), device=tables.device, dtype=tables.dtype)
+    lut, lut_lo = index_table(positions.rule, tables.device)
+    grid = (triton.cdiv(seq, tiles.block_m) * slots, batch * group)
+    _near_band_kernel[grid](
+        tables, tables.stride(0), positions.c2p_term or 0, positions.p2c_term or 0, rows, width,
         lut, lut_lo, lut.numel(),
         mask, mask.stride(0),
-        tab, t0[1], t1[1], t0[2], t1[2], t0[3], t1[3],
-        edges, edges.stride(0), edges.stride(1), t0[4], t1[4],
-        qkv.shape[1], h0, group, layout.rows, layout.d_lo, layout.width, 2 * rule.span - 1,
+        band, band.stride(0), slots,
+        seq, group, sat[0], sat[1],
+        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4)
+    return band
+
+
+def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions,
+                    h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
+    P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
+    [B, group, 2, rows] float32 (P2C at the top index and at index 0)."""
+    batch, seq, _ = qkv.shape
+    group = group or heads
+    pos = positions.pos
+    terms, _, width, _ = pos.shape
+    rows = _table_rows(seq)
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
+    columns = [0] * terms
+    if positions.p2c_term is not None:
+        columns[positions.p2c_term] = heads * head_dim
+    block = 16 if INTERPRET else 64
+    grid = (rows // block, batch * group, terms)
+    _position_tables_kernel[grid](
+        qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
+        pos, pos.stride(0), pos.stride(1), pos.stride(2),
+        mask, mask.stride(0),
+        tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
+        seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
-    return tab, edges, layout
+        EVEN_P=width % block == 0, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
+    return tab, edges
 
 
 @lru_cache(maxsize=None)
 def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor, int]:
     """(LUT, lo): LUT[d - lo] = idx(d) for every distance between the saturation bounds, computed once per rule and
-    device by the Triton index function (`kernel_index`); the tables kernel reads it once per table column."""
+    device by the Triton index function (`kernel_index`), so the attention kernel reads one small table instead
+    of evaluating log, two IEEE divisions and a ceil for every (i, j)."""
     hi, lo = rule.saturation
     return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
@@ -488,7 +505,7 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int = TABLE_BUDGET) -> torch.Tensor:
-    """Context [B, S, H*D] of one DeBERTa attention layer (position tables, then attention, per head group).
+    """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
     factor: 1/sqrt(D * scale_factor). `saturation` overrides the rule's (hi, lo) bounds for the choice of tile
@@ -504,27 +521,27 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * group)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
-        if positions is None:
-            big = 1 << 29
-            tab, edges, has_c2p, has_p2c = qkv, qkv.new_zeros((1, 1, 4, 1), dtype=torch.float32), False, False
-            lay = (0, 1, 1, 0, 0, 16, 16, 0, 0, -big, 2 * big, 16)
-            sat_hi, sat_lo = 2 * big, -2 * big
+        if positions is None:  # every key block "saturated": only the key mask is added
+            tab, edges, band = qkv, qkv.new_zeros((1, 1, 2, 1), dtype=torch.float32), qkv
+            c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, -(1 << 30), 1 << 30
         else:
-            tab, edges, layout = position_tables(qkv, mask, heads, head_dim, positions, tiles, h0, g)
-            has_c2p, has_p2c = positions.c2p_term is not None, positions.p2c_term is not None
-            off_p = batch * g * layout.rows * layout.pitch_c if has_c2p else 0
-            lay = (off_p, layout.pitch_c, layout.pitch_p, layout.pad_c, layout.pad_p, layout.pitch_c + 1,
-                   layout.pitch_p - 1, layout.c_base, layout.p_base, layout.d_lo, layout.width, layout.rows)
+            tab, edges = position_tables(qkv, mask, heads, head_dim, positions, h0, g)
+            band = near_band(tab, mask, positions, tiles, g, saturation)
+            c2p, p2c = positions.c2p_term, positions.p2c_term
+            rows, width = tab.shape[3], tab.shape[4]
+            top = width - 1
             sat_hi, sat_lo = saturation or positions.rule.saturation
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
-            tab, *lay,
+            tab, tab.stride(0) if positions is not None else 0, c2p or 0, p2c or 0, rows, width,
             edges, edges.stride(0), edges.stride(1),
+            band, band.stride(0) if positions is not None else 0,
+            band.shape[2] // tiles.block_n if positions is not None else 1,
             mask, mask.stride(0),
             out, out.stride(0), out.stride(1),
-            seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
-            HAS_C2P=has_c2p, HAS_P2C=has_p2c,
+            seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
+            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, SCAN=64 if INTERPRET else 1024, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)

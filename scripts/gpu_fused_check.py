@@ -85,7 +85,8 @@ def _graph_us(fn, launches=10):
 
 def variant_timing(seqs, tiles_list, batch=1):
     """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
-    terms (plain flash attention with a padding mask), the position tables alone, and SDPA on the same shapes."""
+    terms (plain flash attention with a padding mask), the position tables alone and with the near band, and SDPA
+    on the same shapes. Every case but "no position terms" includes the tables and the band."""
     rows = []
     heads, dim = 6, 64
     big = 1 << 20
@@ -96,7 +97,9 @@ def variant_timing(seqs, tiles_list, batch=1):
         for tiles in tiles_list:
             cases = {
                 "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
-                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions, tiles),
+                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions),
+                "tables + near band": lambda: fa.near_band(fa.position_tables(qkv, mask, heads, dim, positions)[0],
+                                                           mask, positions, tiles, heads),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
