@@ -355,13 +355,17 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_top = hi_end - blk_first
-    for n in range(0, n_top + blk_end - lo_start):
-        top = n < n_top
-        blk = tl.where(top, blk_first + n, lo_start + n - n_top)
+    # Saturated tiles in two plain loops: one loop over both ends with a select per block stopped Triton from
+    # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
+    for blk in range(blk_first, hi_end):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, tl.where(top, c2p_top, c2p_zero), EDGE_B + tl.where(top, 0, ROWS),
-            BAND_ROW, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW,
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+            False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    for blk in range(lo_start, blk_end):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for blk in range(hi_end, lo_start):
         acc, m_i, l_i = _attend_block(
@@ -391,15 +395,14 @@ class Tiles:
 
 
 def default_tiles(seq_len: int, head_dim: int, dtype: torch.dtype, programs: int = 1 << 30) -> Tiles:
-    """Tile sizes (from H100 runs; see results/fused-attention-h100/NOTES.md). `programs`: batch * heads per launch,
-    so that short sequences get smaller query tiles and enough programs to fill the GPU."""
+    """Tile sizes from H100 sweeps (results/fused-attention-h100/NOTES.md): 64 x 64 with 3 stages was best or within
+    noise of the best at 512, 2048 and 8192 tokens, batch 1 and 32. `seq_len` and `programs` (batch * heads per
+    launch) are kept for shape-dependent choices."""
     if INTERPRET:
         return Tiles(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return Tiles(32, 32, 4, 1)
-    if programs * triton.cdiv(seq_len, 64) < 264:
-        return Tiles(32, 64, 4, 2)
-    return Tiles(64, 64, 4, 2)
+    return Tiles(64, 64, 4, 3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -411,12 +414,14 @@ def _table_rows(seq_len: int) -> int:
     return triton.cdiv(seq_len, unit) * unit
 
 
-# Position tables per launch stay under this many bytes: long sequences take their heads in groups.
-TABLE_BUDGET = 64 << 20
+# Position tables and near band per launch stay under this many bytes: long sequences take their heads in groups
+# (at 8192 tokens, 2 of the demo config's 6 heads per launch: 256 programs, enough to fill an H100).
+TABLE_BUDGET = 96 << 20
 
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
-                     budget: int = TABLE_BUDGET) -> int:
+                     budget: int | None = None) -> int:
+    budget = budget or TABLE_BUDGET
     if positions is None:
         return heads
     terms, _, width, _ = positions.pos.shape
@@ -504,7 +509,7 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
-              saturation: tuple[int, int] | None = None, table_budget: int = TABLE_BUDGET) -> torch.Tensor:
+              saturation: tuple[int, int] | None = None, table_budget: int | None = None) -> torch.Tensor:
     """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;

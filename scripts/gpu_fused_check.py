@@ -123,13 +123,16 @@ def _model(seq_config=512):
     return export.random_model(export.seed_config(seq_config)).cuda().half()
 
 
-def end_to_end(seqs, batch_list, tiles=None, label="default tiles"):
+def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
     rows = []
     model = _model()
     fused = fused_model.fuse(model)
-    original = fa.default_tiles
+    original, original_budget = fa.default_tiles, fa.TABLE_BUDGET
     if tiles is not None:
         fa.default_tiles = lambda *a, **k: tiles
+    if budget is not None:
+        fa.TABLE_BUDGET = budget
+        label = f"{label}, table budget {budget >> 20} MiB"
     try:
         runner = fused_model.GraphRunner(fused)
         for batch in batch_list:
@@ -144,7 +147,7 @@ def end_to_end(seqs, batch_list, tiles=None, label="default tiles"):
                 runner.graphs.clear()
                 torch.cuda.empty_cache()
     finally:
-        fa.default_tiles = original
+        fa.default_tiles, fa.TABLE_BUDGET = original, original_budget
     print(report.table(["tiles", "batch", "seq", "fused + CUDA graph ms", "sequences/s", "peak GiB"], rows))
 
 
@@ -210,7 +213,7 @@ def main():
     parser.add_argument("--tile-sweep", action="store_true", help="kernel variants and end to end for several tiles")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
-    sweep = [fa.Tiles(64, 64, 4, 2), fa.Tiles(32, 64, 4, 2), fa.Tiles(64, 64, 4, 3), fa.Tiles(128, 64, 8, 2),
+    sweep = [fa.Tiles(64, 64, 4, 3), fa.Tiles(64, 64, 4, 2), fa.Tiles(32, 64, 4, 2), fa.Tiles(128, 64, 8, 2),
              fa.Tiles(128, 128, 8, 2)]
     if not args.skip_variants:
         variant_timing([512, 2048, 8192], sweep if args.tile_sweep else sweep[:1])
@@ -221,8 +224,10 @@ def main():
     index_check()
     if not args.skip_models:
         model_check(["seed", "v3-xsmall", "v3-base", "v3-large"], [512] if args.quick else [512, 777], batch=4)
-    end_to_end([512, 2048, 8192], [1])
-    end_to_end([512], [32])
+    end_to_end([512, 1024, 2048, 4096, 8192], [1])
+    end_to_end([512], [8, 32, 64])
+    for budget in (64 << 20, 128 << 20, 1 << 40):
+        end_to_end([8192], [1], budget=budget)
     if args.tile_sweep:
         for tiles in sweep:
             end_to_end([512, 2048, 8192], [1], tiles, _tiles(tiles))
@@ -230,6 +235,7 @@ def main():
     profile(512, 1)
     profile(2048, 1)
     profile(512, 32)
+    profile(8192, 1)
     memory(8192)
 
 

@@ -51,7 +51,7 @@ def test_saturation_bounds_match_the_rule():
         assert rule.index(torch.tensor([lo + 1]))[0] != 0 and torch.all(rule.index(torch.arange(lo - 3000, lo + 1)) == 0)
 
 
-def _attention_case(name, batch, seq, seed=0, table_budget=fa.TABLE_BUDGET, **extra):
+def _attention_case(name, batch, seq, seed=0, table_budget=None, **extra):
     """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 inputs of the same layer."""
     torch.manual_seed(seed)
     ref_model = make_model(name, **extra).double()
@@ -93,6 +93,15 @@ def test_attention_layer_matches_float64(name, extra, seq):
         far_below = last - t.block_n + 1 - hi >= 0      # the last query block has a saturated key block (index top)
         far_above = -(-(t.block_m - 1 - lo) // t.block_n) < -(-seq // t.block_n)  # the first has one at index 0
         assert far_below and far_above, "test too short to reach the far tiles"
+
+
+def test_heads_in_groups_match_float64():
+    """Long sequences take their heads in groups (tables under a memory budget): one head per launch here."""
+    layer = make_model("v3_separate_keys", **SMALL_SPAN).encoder.layer[0].attention.self
+    positions = fa.Positions(fa.PositionRule(8, 8, 16), torch.zeros(2, layer.num_attention_heads, 16, 32), 0, 1)
+    assert fa.heads_per_launch(positions, 3, 75, layer.num_attention_heads, 4, budget=1) == 1
+    err, _ = _attention_case("v3_separate_keys", batch=3, seq=75, table_budget=1, **SMALL_SPAN)
+    assert err < 1e-5
 
 
 def test_wrong_span_is_caught(monkeypatch):
