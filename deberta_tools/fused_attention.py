@@ -40,6 +40,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SCAN = 64 if INTERPRET else 1024  # mask entries per step when a kernel looks for a sequence's valid tokens
 _LOG2E = 1.4426950408889634
 
 
@@ -127,6 +128,19 @@ class Positions:
 
 
 @triton.jit
+def _valid_range(MASK_B, S, SCAN: tl.constexpr):
+    """(first, last): the first and last valid token of one sequence's mask (S and -1 when there is none)."""
+    first = S + 0
+    last = S * 0 - 1
+    for s0 in range(0, S, SCAN):
+        o = s0 + tl.arange(0, SCAN)
+        ok = tl.load(MASK_B + o, mask=o < S, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(ok, o, S), 0))
+        last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
+    return first, last
+
+
+@triton.jit
 def _position_tables_kernel(
     QKV, stride_qkv_b, stride_qkv_s, COL0, COL1,
     POS, stride_pos_t, stride_pos_h, stride_pos_p,
@@ -134,18 +148,21 @@ def _position_tables_kernel(
     TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
     S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    EVEN_P: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
     and rows past S, so the attention kernel needs no key mask. The P2C term also writes its columns TOP and 0 as
-    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key."""
+    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key. Rows past the last block of
+    KEY_BLOCK keys (at least the attention kernel's key block) holding a valid token are never read: skipped."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     term = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     h = H0 + g
+    _, last = _valid_range(MASK + b * stride_mask_b, S, SCAN)
+    live = pid_m * BLOCK_M < (last // KEY_BLOCK + 1) * KEY_BLOCK
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     in_seq = rows < S
@@ -162,7 +179,7 @@ def _position_tables_kernel(
     bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
     row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(0, tl.where(live, P, 0), BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
         if EVEN_P:
             r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
@@ -174,7 +191,7 @@ def _position_tables_kernel(
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
         else:
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
-    if is_p2c:
+    if is_p2c & live:
         xf = x.to(tl.float32)
         top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
         zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
@@ -215,6 +232,7 @@ def _near_band_kernel(
     BAND, stride_band_bg, NB,
     S, G, SAT_HI, SAT_LO,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr,
 ):
     """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
     BAND[b, g, i, slot * BLOCK_N + t] = C2P[i, idx(i - j)] + P2C[j, idx(i - j)] (P2C carries the key mask) for key
@@ -227,7 +245,11 @@ def _near_band_kernel(
     slot = pid % NB
     i0 = m * BLOCK_M
     blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
-    if blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N):
+    # Tiles the attention kernel never reads: past the near blocks, or (padding) rows or keys all outside the
+    # sequence's valid tokens.
+    first, last = _valid_range(MASK + (pid_bg // G).to(tl.int64) * stride_mask_b, S, SCAN)
+    used = (i0 <= last) & (i0 + BLOCK_M > first) & (blk * BLOCK_N <= last) & ((blk + 1) * BLOCK_N > first)
+    if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
         i = i0 + tl.arange(0, BLOCK_M)
         j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
@@ -327,13 +349,7 @@ def _attention_kernel(
     qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
 
     # Keys before the first and after the last valid one never get a weight: skip their blocks.
-    first = S + 0
-    last = S * 0 - 1
-    for s0 in range(0, S, SCAN):
-        o = s0 + tl.arange(0, SCAN)
-        ok = tl.load(MASK_B + o, mask=o < S, other=0) != 0
-        first = tl.minimum(first, tl.min(tl.where(ok, o, S), 0))
-        last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
+    first, last = _valid_range(MASK_B, S, SCAN)
     blk_first = first // BLOCK_N
     blk_end = tl.where(tl.max(qvalid.to(tl.int32), 0) > 0, last // BLOCK_N + 1, blk_first)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
@@ -465,7 +481,7 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, positions: Positions, ti
         band, band.stride(0), slots,
         seq, group, sat[0], sat[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4)
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SCAN=_SCAN, num_warps=1 if INTERPRET else 4)
     return band
 
 
@@ -494,7 +510,8 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim:
         seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
-        EVEN_P=width % block == 0, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else 4)
+        EVEN_P=width % block == 0, KEY_BLOCK=128, SCAN=_SCAN, DOT_PRECISION=_dot_precision(qkv.dtype),
+        num_warps=1 if INTERPRET else 4)
     return tab, edges
 
 
@@ -548,7 +565,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, SCAN=64 if INTERPRET else 1024, DOT_PRECISION=_dot_precision(qkv.dtype),
+            BLOCK_N=tiles.block_n, SCAN=_SCAN, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
