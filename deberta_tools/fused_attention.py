@@ -4,25 +4,28 @@ One layer's attention output
 
     out[b, i, h] = softmax_j(factor * (Q_i.K_j + Q_i.Kr[idx(i-j)] + K_j.Qr[idx(i-j)]) + mask) . V
 
-is computed in two launches and never materialises an S x S tensor:
+is computed in three launches per group of heads and never materialises an S x S tensor:
 
-1. `position_scores`: the content-to-position and position-to-content products C2P = Q.Krᵀ and P2C = K.Qrᵀ,
-   [B, H, S, 2*span] each (span = position_buckets, 256 for v3: small beside S x S once S > 512). Kr and Qr (the
-   relative embeddings through the layer's key/query projections) depend on weights only and are computed once per
-   model by the caller.
-2. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style). The relative index idx(i-j) is
-   Hugging Face's make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the
-   linear rule when position_buckets is off, written as a Triton function (`_relative_index`). It depends on the
-   distance only, so it is evaluated once per distance between the saturation bounds (`index_table`, ~1000
-   entries for v3) and the attention kernel reads that small table; evaluating it per (i, j) made
-   near-diagonal tiles 1.6-2.5x slower on an H100 (results/fused-attention-h100/NOTES.md). Log buckets
-   saturate: once every i-j of a tile is beyond the saturation distance, every element of the tile reads the
-   same C2P column per row and the same P2C column per key, so those tiles add a row vector and a contiguous
-   column vector instead of gathering (the key loop is split in three ranges: far below the diagonal, near it,
-   far above it).
+1. `position_tables`: the content-to-position and position-to-content products C2P = Q.Krᵀ and P2C = K.Qrᵀ,
+   [B, H, rows, 2*span] each (span = position_buckets, 256 for v3). Kr and Qr (the relative embeddings through the
+   layer's key/query projections) depend on weights only and are computed once per model by the caller. P2C
+   carries the key mask (-inf for padded keys), and its columns at the two saturated indices are also written as
+   contiguous per-key vectors (`edges`).
+2. `near_band`: for the key tiles near the diagonal only, c2p + p2c = C2P[i, idx(i-j)] + P2C[j, idx(i-j)]
+   gathered into the attention kernel's own (query tile, key tile) layout. The relative index idx(i-j) is Hugging
+   Face's make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule
+   when position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
+   between the saturation bounds (`index_table`, ~1000 entries for v3).
+3. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
+   Near tiles add one aligned band tile (as the accumulator of Q.Kᵀ); log buckets saturate, and once every i-j of
+   a tile is beyond the saturation distance every element reads the same C2P column per row and the same P2C
+   column per key, so those tiles add a row vector and a per-key vector instead. Gathering inside the softmax
+   loop made near tiles 4.5-5x the cost of plain flash tiles on an H100; distance-expanded tables (aligned vector
+   reads) cost as much to write as they saved (results/fused-attention-h100/NOTES.md).
 
 Masking follows Hugging Face: a 2-D padding mask m gives key j to query i when m[i] and m[j]; a padded query row
-(all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original.
+(all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original (the kernel
+writes the mean of V there). Key blocks, band tiles and table rows past a sequence's last token are skipped.
 
 Runs compiled on NVIDIA GPUs and on the CPU under TRITON_INTERPRET=1 (tests).
 """
