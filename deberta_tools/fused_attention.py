@@ -43,7 +43,6 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_SCAN = 64 if INTERPRET else 1024  # mask entries per step when a kernel looks for a sequence's valid tokens
 _LOG2E = 1.4426950408889634
 
 
@@ -131,27 +130,39 @@ class Positions:
 
 
 @triton.jit
-def _valid_range(MASK_B, S, SCAN: tl.constexpr):
-    """(first, last): the first and last valid token of one sequence's mask (S and -1 when there is none)."""
+def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr):
+    """RANGES[b] = (first, last): the first and last valid token of sequence b's mask (S and -1 when it has none)."""
+    b = tl.program_id(0)
     first = S + 0
     last = S * 0 - 1
     for s0 in range(0, S, SCAN):
         o = s0 + tl.arange(0, SCAN)
-        ok = tl.load(MASK_B + o, mask=o < S, other=0) != 0
+        ok = tl.load(MASK + b.to(tl.int64) * stride_mask_b + o, mask=o < S, other=0) != 0
         first = tl.minimum(first, tl.min(tl.where(ok, o, S), 0))
         last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
-    return first, last
+    tl.store(RANGES + 2 * b, first)
+    tl.store(RANGES + 2 * b + 1, last)
+
+
+def valid_ranges(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 2] int32: each sequence's first and last valid token (S and -1 without one). One launch per forward:
+    every kernel of every layer reads it to skip rows, keys and tiles past the last token."""
+    batch, seq = mask.shape
+    ranges = torch.empty((batch, 2), device=mask.device, dtype=torch.int32)
+    _valid_ranges_kernel[(batch,)](mask, mask.stride(0), ranges, seq, SCAN=64 if INTERPRET else 1024,
+                                   num_warps=1 if INTERPRET else 4)
+    return ranges
 
 
 @triton.jit
 def _position_tables_kernel(
     QKV, stride_qkv_b, stride_qkv_s, COL0, COL1,
     POS, stride_pos_t, stride_pos_h, stride_pos_p,
-    MASK, stride_mask_b,
+    MASK, stride_mask_b, RANGES,
     TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
     S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
@@ -164,7 +175,7 @@ def _position_tables_kernel(
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     h = H0 + g
-    _, last = _valid_range(MASK + b * stride_mask_b, S, SCAN)
+    last = tl.load(RANGES + 2 * b + 1)
     live = pid_m * BLOCK_M < (last // KEY_BLOCK + 1) * KEY_BLOCK
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -231,11 +242,10 @@ def _near_end(i0, SAT_LO, N_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 def _near_band_kernel(
     TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     LUT, LUT_LO, LUT_N,
-    MASK, stride_mask_b,
+    MASK, stride_mask_b, RANGES,
     BAND, stride_band_bg, NB,
     S, G, SAT_HI, SAT_LO,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr,
 ):
     """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
     BAND[b, g, i, slot * BLOCK_N + t] = C2P[i, idx(i - j)] + P2C[j, idx(i - j)] (P2C carries the key mask) for key
@@ -244,13 +254,15 @@ def _near_band_kernel(
     loads."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
     m = pid // NB
     slot = pid % NB
     i0 = m * BLOCK_M
     blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
     # Tiles the attention kernel never reads: past the near blocks, or (padding) rows or keys all outside the
     # sequence's valid tokens.
-    first, last = _valid_range(MASK + (pid_bg // G).to(tl.int64) * stride_mask_b, S, SCAN)
+    first = tl.load(RANGES + 2 * b)
+    last = tl.load(RANGES + 2 * b + 1)
     used = (i0 <= last) & (i0 + BLOCK_M > first) & (blk * BLOCK_N <= last) & ((blk + 1) * BLOCK_N > first)
     if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
         i = i0 + tl.arange(0, BLOCK_M)
@@ -266,8 +278,7 @@ def _near_band_kernel(
             idx_t = tl.load(LUT + tl.minimum(tl.maximum(i[None, :] - j[:, None] - LUT_LO, 0), LUT_N - 1))
             val += tl.trans(tl.load(P2C_B + j[:, None] * P + idx_t)).to(tl.float32)
         else:
-            b = pid_bg // G
-            key_ok = tl.load(MASK + b.to(tl.int64) * stride_mask_b + j, mask=j < S, other=0) != 0
+            key_ok = tl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) != 0
             val += tl.where(key_ok, 0.0, float("-inf"))[None, :]
         out = BAND + pid_bg.to(tl.int64) * stride_band_bg + i[:, None] * (NB * BLOCK_N) + slot * BLOCK_N
         tl.store(out + tl.arange(0, BLOCK_N)[None, :], val.to(BAND.dtype.element_ty))
@@ -324,12 +335,12 @@ def _attention_kernel(
     TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     EDGES, stride_edge_b, stride_edge_h,
     BAND, stride_band_bg, NB,
-    MASK, stride_mask_b,
+    MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, TOP, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -352,7 +363,8 @@ def _attention_kernel(
     qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
 
     # Keys before the first and after the last valid one never get a weight: skip their blocks.
-    first, last = _valid_range(MASK_B, S, SCAN)
+    first = tl.load(RANGES + 2 * b)
+    last = tl.load(RANGES + 2 * b + 1)
     blk_first = first // BLOCK_N
     blk_end = tl.where(tl.max(qvalid.to(tl.int32), 0) > 0, last // BLOCK_N + 1, blk_first)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
@@ -466,10 +478,10 @@ def near_slots(saturation: tuple[int, int], seq_len: int, block_m: int, block_n:
     return max(most, 1)
 
 
-def near_band(tables: torch.Tensor, mask: torch.Tensor, positions: Positions, tiles: Tiles, group: int,
-              saturation: tuple[int, int] | None = None) -> torch.Tensor:
+def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions: Positions, tiles: Tiles,
+              group: int, saturation: tuple[int, int] | None = None) -> torch.Tensor:
     """The near-diagonal position terms [B * group, rows, slots * block_n] in the attention kernel's tiles (see
-    `_near_band_kernel`), from `position_tables`' tables."""
+    `_near_band_kernel`), from `position_tables`' tables; ranges from `valid_ranges(mask)`."""
     _, batch, _, rows, width = tables.shape
     seq = mask.shape[1]
     sat = saturation or positions.rule.saturation
@@ -480,19 +492,19 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, positions: Positions, ti
     _near_band_kernel[grid](
         tables, tables.stride(0), positions.c2p_term or 0, positions.p2c_term or 0, rows, width,
         lut, lut_lo, lut.numel(),
-        mask, mask.stride(0),
+        mask, mask.stride(0), ranges,
         band, band.stride(0), slots,
         seq, group, sat[0], sat[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, SCAN=_SCAN, num_warps=1 if INTERPRET else 4)
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4)
     return band
 
 
-def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions,
-                    h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
+                    positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
     P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
-    [B, group, 2, rows] float32 (P2C at the top index and at index 0)."""
+    [B, group, 2, rows] float32 (P2C at the top index and at index 0); ranges from `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
     pos = positions.pos
@@ -508,12 +520,12 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim:
     _position_tables_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
         pos, pos.stride(0), pos.stride(1), pos.stride(2),
-        mask, mask.stride(0),
+        mask, mask.stride(0), ranges,
         tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
         seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
-        EVEN_P=width % block == 0, KEY_BLOCK=128, SCAN=_SCAN, DOT_PRECISION=_dot_precision(qkv.dtype),
+        EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
         num_warps=1 if INTERPRET else 4)
     return tab, edges
 
@@ -529,11 +541,13 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
-              saturation: tuple[int, int] | None = None, table_budget: int | None = None) -> torch.Tensor:
+              saturation: tuple[int, int] | None = None, table_budget: int | None = None,
+              ranges: torch.Tensor | None = None) -> torch.Tensor:
     """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
-    factor: 1/sqrt(D * scale_factor). `saturation` overrides the rule's (hi, lo) bounds for the choice of tile
+    factor: 1/sqrt(D * scale_factor); ranges: `valid_ranges(mask)`, computed here when not given (a model passes
+    one per forward to every layer). `saturation` overrides the rule's (hi, lo) bounds for the choice of tile
     kind: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
@@ -542,6 +556,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         raise ValueError(f"mask must be a contiguous [B, S] = {(batch, seq)}, got {tuple(mask.shape)}")
     if out is None:
         out = torch.empty((batch, seq, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
+    if ranges is None:
+        ranges = valid_ranges(mask)
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), table_budget)
     tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * group)
     for h0 in range(0, heads, group):
@@ -550,8 +566,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             tab, edges, band = qkv, qkv.new_zeros((1, 1, 2, 1), dtype=torch.float32), qkv
             c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, -(1 << 30), 1 << 30
         else:
-            tab, edges = position_tables(qkv, mask, heads, head_dim, positions, h0, g)
-            band = near_band(tab, mask, positions, tiles, g, saturation)
+            tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
+            band = near_band(tab, mask, ranges, positions, tiles, g, saturation)
             c2p, p2c = positions.c2p_term, positions.p2c_term
             rows, width = tab.shape[3], tab.shape[4]
             top = width - 1
@@ -563,12 +579,12 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             edges, edges.stride(0), edges.stride(1),
             band, band.stride(0) if positions is not None else 0,
             band.shape[2] // tiles.block_n if positions is not None else 1,
-            mask, mask.stride(0),
+            mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, SCAN=_SCAN, DOT_PRECISION=_dot_precision(qkv.dtype),
+            BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -93,13 +93,15 @@ def variant_timing(seqs, tiles_list, batch=1):
     for seq in seqs:
         qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
+        ranges = fa.valid_ranges(mask)
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for tiles in tiles_list:
             cases = {
                 "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
-                "tables only": lambda: fa.position_tables(qkv, mask, heads, dim, positions),
-                "tables + near band": lambda: fa.near_band(fa.position_tables(qkv, mask, heads, dim, positions)[0],
-                                                           mask, positions, tiles, heads),
+                "tables only": lambda: fa.position_tables(qkv, mask, ranges, heads, dim, positions),
+                "tables + near band": lambda: fa.near_band(
+                    fa.position_tables(qkv, mask, ranges, heads, dim, positions)[0], mask, ranges, positions, tiles,
+                    heads),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
