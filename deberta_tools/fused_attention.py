@@ -425,10 +425,9 @@ class Tiles:
     num_stages: int
 
 
-def default_tiles(seq_len: int, head_dim: int, dtype: torch.dtype, programs: int = 1 << 30) -> Tiles:
+def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     """Tile sizes from H100 sweeps (results/fused-attention-h100/NOTES.md): 64 x 64 with 3 stages was best or within
-    noise of the best at 512, 2048 and 8192 tokens, batch 1 and 32. `seq_len` and `programs` (batch * heads per
-    launch) are kept for shape-dependent choices."""
+    noise of the best at 512, 2048 and 8192 tokens, batch 1 and 32."""
     if INTERPRET:
         return Tiles(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
@@ -451,14 +450,14 @@ TABLE_BUDGET = 96 << 20
 
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
-                     budget: int | None = None) -> int:
+                     tiles: Tiles, budget: int | None = None) -> int:
+    """How many heads one launch takes so that its tables and near band stay under the budget."""
     budget = budget or TABLE_BUDGET
     if positions is None:
         return heads
     terms, _, width, _ = positions.pos.shape
-    hi, lo = positions.rule.saturation
-    rows = _table_rows(seq_len)
-    per_head = batch * rows * (width * terms + min(rows, hi - lo + 256)) * itemsize
+    band = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
+    per_head = batch * _table_rows(seq_len) * (width * terms + band) * itemsize
     return max(1, min(heads, budget // per_head))
 
 
@@ -558,8 +557,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         out = torch.empty((batch, seq, heads * head_dim), device=qkv.device, dtype=qkv.dtype)
     if ranges is None:
         ranges = valid_ranges(mask)
-    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), table_budget)
-    tiles = tiles or default_tiles(seq, head_dim, qkv.dtype, batch * group)
+    tiles = tiles or default_tiles(head_dim, qkv.dtype)
+    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         if positions is None:  # every key block "saturated": only the key mask is added

@@ -90,7 +90,7 @@ def test_attention_layer_matches_float64(name, extra, seq):
     assert err < 1e-5, f"{name}: relative L2 {err:.2e}"
     if rule is not None and extra:
         hi, lo = rule.saturation
-        t = fa.default_tiles(seq, 32, torch.float32)
+        t = fa.default_tiles(32, torch.float32)
         last = (seq - 1) // t.block_m * t.block_m
         far_below = last - t.block_n + 1 - hi >= 0      # the last query block has a saturated key block (index top)
         far_above = -(-(t.block_m - 1 - lo) // t.block_n) < -(-seq // t.block_n)  # the first has one at index 0
@@ -101,7 +101,8 @@ def test_heads_in_groups_match_float64():
     """Long sequences take their heads in groups (tables under a memory budget): one head per launch here."""
     layer = make_model("v3_separate_keys", **SMALL_SPAN).encoder.layer[0].attention.self
     positions = fa.Positions(fa.PositionRule(8, 8, 16), torch.zeros(2, layer.num_attention_heads, 16, 32), 0, 1)
-    assert fa.heads_per_launch(positions, 3, 75, layer.num_attention_heads, 4, budget=1) == 1
+    tiles = fa.default_tiles(32, torch.float32)
+    assert fa.heads_per_launch(positions, 3, 75, layer.num_attention_heads, 4, tiles, budget=1) == 1
     err, _ = _attention_case("v3_separate_keys", batch=3, seq=75, table_budget=1, **SMALL_SPAN)
     assert err < 1e-5
 
