@@ -242,33 +242,32 @@ def _near_band_kernel(
     POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
     LUT, LUT_LO, LUT_N,
     MASK, stride_mask_b, RANGES,
-    BAND, stride_band_bg, NB, SCRATCH,
-    S, G, SAT_HI, SAT_LO, ITEMS, PROGRAMS,
+    BAND, stride_band_t, NB,
+    S, G, SAT_HI, SAT_LO, ITEMS, PER_PROGRAM,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
-    BAND[b, g, i, slot * BLOCK_N + t] = Q_i . Kr[idx(i - j)] + K_j . Qr[idx(i - j)] + key mask, for key
-    j = (first near block of i's row block + slot) * BLOCK_N + t.
-
+    """The position terms of the tiles near the diagonal, one contiguous BLOCK_M x BLOCK_N tile each, in the
+    attention kernel's tile order (head, row block, slot): for query i = i0 + r and key j = j0 + t, where j0 is the
+    key block (first near block of the row block + slot),
+        BAND[0] tile[r, t] = Q_i . Kr[idx(i - j)]                      (c2p, query-major)
+        BAND[1] tile[t, r] = K_j . Qr[idx(i - j)] + key mask of j      (p2c, key-major)
     A tile's distances d = i - j lie in a window of BLOCK_M + BLOCK_N - 1 values, so each term is one small matrix
-    product against the window's rows of Kr (or Qr), A[r, c] = Q_r . Kr[idx(d0 + c)], then a skew: the tile reads
-    A[r, r - t + BLOCK_N - 1]. The skew goes through a per-program scratch buffer in global memory (cache resident;
-    Triton has no shared-memory addressing): aligned vector stores, then one load per element at an address affine
-    in (r, t). No position tables and no per-element index lookups. Persistent: PROGRAMS programs walk the ITEMS
-    (head, row block, slot) tiles, so the scratch is PROGRAMS buffers, not one per tile."""
+    product against the window's rows of Kr (or Qr), e.g. A[r, c] = Q_r . Kr[idx(dmax - c)], whose element (r, c)
+    belongs at t = r + c - (BLOCK_M - 1): a skew, done by the store itself (one masked store per element at an
+    address affine in (r, c), contiguous along c; Triton has no shared-memory addressing to skew in). No position
+    tables, no per-element index lookups. Programs take PER_PROGRAM consecutive items, row blocks fastest, so
+    consecutive tiles mostly share their window (same distance range) and read it from cache."""
     pid = tl.program_id(0)
     m_blocks = tl.cdiv(S, BLOCK_M)
     r = tl.arange(0, BLOCK_M)
     t = tl.arange(0, BLOCK_N)
-    c = tl.arange(0, WIN)
+    cc = tl.arange(0, BLOCK_N)  # window columns, one chunk of BLOCK_N at a time
     dd = tl.arange(0, BLOCK_D)
-    skew = r[:, None] - t[None, :] + (BLOCK_N - 1)
-    SCR_A = SCRATCH + pid.to(tl.int64) * ((BLOCK_M + BLOCK_N) * WIN)
-    SCR_B = SCR_A + BLOCK_M * WIN
-    for w in range(pid, ITEMS, PROGRAMS):
-        slot = w % NB
-        m = (w // NB) % m_blocks
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    for w in range(pid * PER_PROGRAM, tl.minimum(pid * PER_PROGRAM + PER_PROGRAM, ITEMS)):
+        m = w % m_blocks
+        slot = (w // m_blocks) % NB
         pid_bg = w // (NB * m_blocks)
         b = (pid_bg // G).to(tl.int64)
         h = H0 + pid_bg % G
@@ -281,47 +280,52 @@ def _near_band_kernel(
         last = tl.load(RANGES + 2 * b + 1)
         used = (i0 <= last) & (i0 + BLOCK_M > first) & (j0 <= last) & (j0 + BLOCK_N > first)
         if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
-            i = i0 + r
-            j = j0 + t
-            # Window column c holds distance i0 - j0 - (BLOCK_N - 1) + c; the index table saturates at its ends.
-            win = tl.load(LUT + tl.minimum(tl.maximum(i0 - j0 - (BLOCK_N - 1) + c - LUT_LO, 0), LUT_N - 1))
             QKV_B = QKV + b * stride_qkv_b
-            POS_H = POS + h * stride_pos_h + win[:, None] * stride_pos_p + dd[None, :]
+            POS_H = POS + h * stride_pos_h + dd[None, :]
+            tile = BAND + ((pid_bg.to(tl.int64) * m_blocks + m) * NB + slot) * TILE
             if HAS_C2P:
+                i = i0 + r
                 q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :],
                             mask=_rows_mask(i < S, HEAD_DIM, BLOCK_D), other=0.0)
-                kr = tl.load(POS_H + C2P_TERM * stride_pos_t, mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
-                a = tl.dot(q, tl.trans(kr), input_precision=DOT_PRECISION)
-                tl.store(SCR_A + r[:, None] * WIN + c[None, :], a.to(SCRATCH.dtype.element_ty))
+                dmax = i0 - j0 + BLOCK_M - 1
+                for k in range(WIN // BLOCK_N):
+                    c = k * BLOCK_N + cc
+                    idx = tl.load(LUT + tl.minimum(tl.maximum(dmax - c - LUT_LO, 0), LUT_N - 1))
+                    kr = tl.load(POS_H + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p,
+                                 mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
+                    a = tl.dot(q, tl.trans(kr), input_precision=DOT_PRECISION)
+                    tt = r[:, None] + c[None, :] - (BLOCK_M - 1)
+                    tl.store(tile + r[:, None] * BLOCK_N + tt, a.to(BAND.dtype.element_ty),
+                             mask=(tt >= 0) & (tt < BLOCK_N))
             if HAS_P2C:
-                k = tl.load(QKV_B + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                            mask=_rows_mask(j < S, HEAD_DIM, BLOCK_D), other=0.0)
-                qr = tl.load(POS_H + P2C_TERM * stride_pos_t, mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
-                bm = tl.dot(k, tl.trans(qr), input_precision=DOT_PRECISION)
-                tl.store(SCR_B + t[:, None] * WIN + c[None, :], bm.to(SCRATCH.dtype.element_ty))
-            tl.debug_barrier()  # the whole program's scratch writes land before any thread reads them skewed
-            key_ok = tl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) != 0
-            val = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) + tl.where(key_ok, 0.0, float("-inf"))[None, :]
-            if HAS_C2P:
-                val += tl.load(SCR_A + r[:, None] * WIN + skew).to(tl.float32)
-            if HAS_P2C:
-                val += tl.load(SCR_B + t[None, :] * WIN + skew).to(tl.float32)
-            out = BAND + pid_bg.to(tl.int64) * stride_band_bg + i[:, None] * (NB * BLOCK_N) + slot * BLOCK_N
-            tl.store(out + t[None, :], val.to(BAND.dtype.element_ty))
-            tl.debug_barrier()  # every read of this tile done before the next tile overwrites the scratch
+                j = j0 + t
+                k_rows = tl.load(QKV_B + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
+                                 mask=_rows_mask(j < S, HEAD_DIM, BLOCK_D), other=0.0)
+                key_ok = tl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) != 0
+                key_bias = tl.where(key_ok, 0.0, float("-inf"))
+                dmin = i0 - j0 - (BLOCK_N - 1)
+                for k in range(WIN // BLOCK_N):
+                    c = k * BLOCK_N + cc
+                    idx = tl.load(LUT + tl.minimum(tl.maximum(dmin + c - LUT_LO, 0), LUT_N - 1))
+                    qr = tl.load(POS_H + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p,
+                                 mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
+                    bm = tl.dot(k_rows, tl.trans(qr), input_precision=DOT_PRECISION) + key_bias[:, None]
+                    rr = t[:, None] + c[None, :] - (BLOCK_N - 1)
+                    tl.store(tile + stride_band_t + t[:, None] * BLOCK_M + rr, bm.to(BAND.dtype.element_ty),
+                             mask=(rr >= 0) & (rr < BLOCK_M))
 
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_ROW,
+    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_TILE, stride_band_t,
     QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
     NEAR: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. Saturated (not NEAR): every pair reads the same table column, so add the
-    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the tile of the near band whose rows start at
-    BAND_ROW."""
+    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the near band's tiles at BAND_TILE (c2p) and
+    BAND_TILE + stride_band_t (p2c, key-major)."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
@@ -332,9 +336,17 @@ def _attend_block(
         kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
     k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
     if NEAR:
-        # The band tile goes in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
+        # The band tiles go in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
         # twice, once in the load layout and once in the MMA layout (seen in the TTGIR).
-        bias = tl.load(BAND_ROW[:, None] + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
+        r = tl.arange(0, BLOCK_M)
+        t = tl.arange(0, BLOCK_N)
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_C2P:
+            bias += tl.load(BAND_TILE + r[:, None] * BLOCK_N + t[None, :]).to(tl.float32)
+        if HAS_P2C:  # key-major tile, carrying the key mask
+            bias += tl.load(BAND_TILE + stride_band_t + t[None, :] * BLOCK_M + r[:, None]).to(tl.float32)
+        else:
+            bias += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
         s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -360,7 +372,7 @@ def _attend_block(
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS,
-    BAND, stride_band_bg, NB,
+    BAND, stride_band_t, NB,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
@@ -398,8 +410,8 @@ def _attention_kernel(
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
     hi_end = tl.minimum(tl.maximum(near_first, blk_first), blk_end)
     lo_start = tl.minimum(tl.maximum(_near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N), hi_end), blk_end)
-    # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
-    BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
+    # This row block's tiles of the near band: key block near_first + k is tile k.
+    BAND_M = BAND + ((pid_bg.to(tl.int64) * tl.cdiv(S, BLOCK_M) + pid_m) * NB - near_first) * (BLOCK_M * BLOCK_N)
 
     # Rows of `position_edges`: P2C at the top index and at index 0 per key, C2P at both per query (only written
     # when some tile is saturated).
@@ -419,17 +431,17 @@ def _attention_kernel(
     # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
     for blk in range(blk_first, hi_end):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_M, stride_band_t,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for blk in range(lo_start, blk_end):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_M, stride_band_t,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for blk in range(hi_end, lo_start):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_M + blk * (BLOCK_M * BLOCK_N), stride_band_t,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
@@ -485,7 +497,8 @@ def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, head
     if positions is None:
         return heads
     slots, _ = tile_plan(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n)
-    per_head = batch * _table_rows(seq_len) * slots * tiles.block_n * itemsize
+    terms = positions.pos.shape[0]
+    per_head = terms * batch * triton.cdiv(seq_len, tiles.block_m) * slots * tiles.block_m * tiles.block_n * itemsize
     most = max(1, min(heads, budget // per_head))
     return triton.cdiv(heads, triton.cdiv(heads, most))
 
@@ -508,35 +521,32 @@ def tile_plan(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: 
     return max(most, 1), far
 
 
-# The near-band kernel's launch: warps per program and programs per streaming multiprocessor (one resident wave;
-# 8 warps keep its two 64 x 128 products and the skewed loads' addresses in registers without spilling on sm_90).
+# The near-band kernel's launch: programs per streaming multiprocessor (each takes a run of consecutive tiles) and
+# warps per program (8 keep the skewed stores' addresses in registers: 104 registers on sm_90 against 226 with 4).
+BAND_PROGRAMS_PER_SM = 4
 BAND_WARPS = 8
-BAND_PROGRAMS_PER_SM = 2
-
-
-def _programs(device: torch.device, items: int) -> int:
-    """Programs of the persistent band kernel: at most one per item."""
-    if INTERPRET or device.type != "cuda":
-        return max(1, min(items, 4))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(items, BAND_PROGRAMS_PER_SM * sms))
 
 
 def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
               positions: Positions, tiles: Tiles, h0: int = 0, group: int | None = None,
               saturation: tuple[int, int] | None = None) -> torch.Tensor:
-    """The near-diagonal position terms of heads h0 .. h0+group-1, [B * group, rows, slots * block_n] in the
-    attention kernel's tiles (see `_near_band_kernel`); ranges from `valid_ranges(mask)`."""
+    """The near-diagonal position terms of heads h0 .. h0+group-1: [terms, B * group, row blocks, slots,
+    block_m * block_n], c2p tiles query-major, p2c tiles key-major with the key mask (see `_near_band_kernel`);
+    ranges from `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
     sat = saturation or positions.rule.saturation
     slots, _ = tile_plan(sat, seq, tiles.block_m, tiles.block_n)
-    rows = _table_rows(seq)
-    band = torch.empty((batch * group, rows, slots * tiles.block_n), device=qkv.device, dtype=qkv.dtype)
-    win = triton.next_power_of_2(tiles.block_m + tiles.block_n - 1)
-    items = batch * group * triton.cdiv(seq, tiles.block_m) * slots
-    programs = _programs(qkv.device, items)
-    scratch = torch.empty((programs, tiles.block_m + tiles.block_n, win), device=qkv.device, dtype=qkv.dtype)
+    m_blocks = triton.cdiv(seq, tiles.block_m)
+    terms = positions.pos.shape[0]
+    band = torch.empty((terms, batch * group, m_blocks, slots, tiles.block_m * tiles.block_n), device=qkv.device,
+                       dtype=qkv.dtype)
+    win = triton.cdiv(tiles.block_m + tiles.block_n - 1, tiles.block_n) * tiles.block_n
+    items = batch * group * m_blocks * slots
+    if INTERPRET or qkv.device.type != "cuda":
+        programs = min(items, 4)
+    else:
+        programs = min(items, BAND_PROGRAMS_PER_SM * torch.cuda.get_device_properties(qkv.device).multi_processor_count)
     lut, lut_lo = index_table(positions.rule, qkv.device)
     pos = positions.pos
     _near_band_kernel[(programs,)](
@@ -544,12 +554,11 @@ def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads
         pos, pos.stride(0), pos.stride(1), pos.stride(2), positions.c2p_term or 0, positions.p2c_term or 0,
         lut, lut_lo, lut.numel(),
         mask, mask.stride(0), ranges,
-        band, band.stride(0), slots, scratch,
-        seq, group, sat[0], sat[1], items, programs,
+        band, band.stride(0) if terms == 2 else 0, slots,
+        seq, group, sat[0], sat[1], items, triton.cdiv(items, programs),
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        WIN=win, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else BAND_WARPS,
-        num_stages=1)
+        WIN=win, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else BAND_WARPS, num_stages=1)
     return band
 
 
@@ -604,24 +613,26 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         ranges = valid_ranges(mask)
     tiles = tiles or default_tiles(head_dim, qkv.dtype)
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget)
-    unused = qkv.new_zeros((1, 1, 4, 1), dtype=torch.float32)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
+        # What a launch never reads (no saturated tile, or no position terms): placeholders, no kernel to fill them.
+        edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
+        band, c2p, p2c, band_plane, slots = out, None, None, 0, 1
         if positions is None:  # every key block "saturated": only the key mask is added
-            edges, band, c2p, p2c = unused, qkv, None, None
             sat_hi, sat_lo = -(1 << 30), 1 << 30
         else:
             sat_hi, sat_lo = saturation or positions.rule.saturation
-            _, far = tile_plan((sat_hi, sat_lo), seq, tiles.block_m, tiles.block_n)
-            edges = position_edges(qkv, mask, ranges, heads, head_dim, positions, h0, g) if far else unused
+            slots, far = tile_plan((sat_hi, sat_lo), seq, tiles.block_m, tiles.block_n)
+            if far:
+                edges = position_edges(qkv, mask, ranges, heads, head_dim, positions, h0, g)
             band = near_band(qkv, mask, ranges, heads, head_dim, positions, tiles, h0, g, saturation)
+            band_plane = band.stride(0) if band.shape[0] == 2 else 0
             c2p, p2c = positions.c2p_term, positions.p2c_term
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
-            edges, edges.stride(0), edges.stride(1), edges.shape[3],
-            band, band.stride(0) if positions is not None else 0,
-            band.shape[2] // tiles.block_n if positions is not None else 1,
+            edges, edges.stride(0), edges.stride(1), edges.shape[-1],
+            band, band_plane, slots,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
