@@ -4,29 +4,28 @@ One layer's attention output
 
     out[b, i, h] = softmax_j(factor * (Q_i.K_j + Q_i.Kr[idx(i-j)] + K_j.Qr[idx(i-j)]) + mask) . V
 
-is computed in two or three launches per group of heads and never materialises an S x S tensor:
+is computed in three launches per group of heads and never materialises an S x S tensor:
 
-1. `near_band`: for the key tiles near the diagonal only, c2p + p2c = Q_i.Kr[idx(i-j)] + K_j.Qr[idx(i-j)] (plus
-   the key mask), in the attention kernel's own (query tile, key tile) layout. Kr and Qr (the relative embeddings
-   through the layer's key/query projections) depend on weights only and are computed once per model by the caller.
-   A tile's distances i - j fall in a window of block_m + block_n - 1 values, so each term is one small matrix
-   product of the tile's queries (keys) with the window's rows of Kr (Qr), skewed through a per-program scratch
-   buffer. The relative index idx(d) is Hugging Face's make_log_bucket_position arithmetic (float32, IEEE division,
-   libdevice log on the GPU) or the linear rule when position_buckets is off, written as a Triton function
-   (`_relative_index`) and evaluated once per distance between the saturation bounds (`index_table`, ~1000 entries
-   for v3); the band reads one window of that table per tile.
-2. `position_edges`, only when some tile is saturated: log buckets saturate, and once every i-j of a tile is beyond
-   the saturation distance every element reads the same Kr row per query and the same Qr row per key, so those
-   tiles add a per-query vector (Q_i.Kr[top] or Q_i.Kr[0]) and a per-key vector (K_j.Qr[top] or K_j.Qr[0], carrying
-   the key mask).
+1. `position_tables`: the content-to-position and position-to-content products C2P = Q.Krᵀ and P2C = K.Qrᵀ,
+   [B, H, rows, 2*span] each (span = position_buckets, 256 for v3). Kr and Qr (the relative embeddings through the
+   layer's key/query projections) depend on weights only and are computed once per model by the caller. P2C
+   carries the key mask (-inf for padded keys), and its columns at the two saturated indices are also written as
+   contiguous per-key vectors (`edges`).
+2. `near_band`: for the key tiles near the diagonal only, c2p + p2c = C2P[i, idx(i-j)] + P2C[j, idx(i-j)]
+   gathered into the attention kernel's own (query tile, key tile) layout. The relative index idx(i-j) is Hugging
+   Face's make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule
+   when position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
+   between the saturation bounds (`index_table`, ~1000 entries for v3).
 3. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
-   Near tiles add one aligned band tile (as the accumulator of Q.Kᵀ), saturated tiles the two edge vectors.
-   Gathering inside the softmax loop made near tiles 4.5-5x the cost of plain flash tiles on an H100, and position
-   tables gathered by a separate kernel cost more than the attention itself (results/fused-attention-h100/NOTES.md).
+   Near tiles add one aligned band tile (as the accumulator of Q.Kᵀ); log buckets saturate, and once every i-j of
+   a tile is beyond the saturation distance every element reads the same C2P column per row and the same P2C
+   column per key, so those tiles add a row vector and a per-key vector instead. Gathering inside the softmax
+   loop made near tiles 4.5-5x the cost of plain flash tiles on an H100; distance-expanded tables (aligned vector
+   reads) cost as much to write as they saved (results/fused-attention-h100/NOTES.md).
 
 Masking follows Hugging Face: a 2-D padding mask m gives key j to query i when m[i] and m[j]; a padded query row
 (all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original (the kernel
-writes the mean of V there). Key blocks, band tiles and edge rows past a sequence's last token are skipped.
+writes the mean of V there). Key blocks, band tiles and table rows past a sequence's last token are skipped.
 
 Runs compiled on NVIDIA GPUs and on the CPU under TRITON_INTERPRET=1 (tests).
 """
@@ -156,60 +155,63 @@ def valid_ranges(mask: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rows_mask(ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[rows, BLOCK_D] load mask: ok per row, and the head axis only when BLOCK_D pads it (a mask along the contiguous
-    axis stops Triton from vectorising the load)."""
-    if HEAD_DIM == BLOCK_D:
-        return ok[:, None]
-    else:
-        return ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
-
-
-@triton.jit
-def _position_edges_kernel(
-    QKV, stride_qkv_b, stride_qkv_s, H,
-    POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
+def _position_tables_kernel(
+    QKV, stride_qkv_b, stride_qkv_s, COL0, COL1,
+    POS, stride_pos_t, stride_pos_h, stride_pos_p,
     MASK, stride_mask_b, RANGES,
-    EDGES, stride_edge_b, stride_edge_h,
-    S, H0, G, ROWS, TOP,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, KEY_BLOCK: tl.constexpr,
+    TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
+    S, H0, G, ROWS, P, TOP, P2C_TERM,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """What saturated tiles add, for one block of rows r of heads H0 .. H0+G-1, as float32 rows of EDGES[b, g]:
-    0 / 1: P2C at the top index / at index 0 per key (K_r . Qr[TOP] / Qr[0]) plus the key mask (0 for tokens, -inf
-    for padding and rows past S); 2 / 3: C2P at the top index / at index 0 per query (Q_r . Kr[TOP] / Kr[0]).
-    Rows past the last block of KEY_BLOCK keys holding a valid token are never read: skipped."""
+    """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
+    (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
+    and rows past S, so the attention kernel needs no key mask. The P2C term also writes its columns TOP and 0 as
+    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key. Rows past the last block of
+    KEY_BLOCK keys (at least the attention kernel's key block) holding a valid token are never read: skipped."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    term = tl.program_id(2)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     h = H0 + g
     last = tl.load(RANGES + 2 * b + 1)
-    if pid_m * BLOCK_M < (last // KEY_BLOCK + 1) * KEY_BLOCK:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dd = tl.arange(0, BLOCK_D)
-        in_seq = rows < S
-        x_mask = _rows_mask(in_seq, HEAD_DIM, BLOCK_D)
+    live = pid_m * BLOCK_M < (last // KEY_BLOCK + 1) * KEY_BLOCK
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    in_seq = rows < S
+    col = tl.where(term == 0, COL0, COL1) + h * HEAD_DIM
+    if HEAD_DIM == BLOCK_D:
+        x_mask = in_seq[:, None]
+        d_ok = dd < BLOCK_D
+    else:
+        x_mask = in_seq[:, None] & (dd[None, :] < HEAD_DIM)
         d_ok = dd < HEAD_DIM
+    x = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + col + dd[None, :], mask=x_mask, other=0.0)
+    is_p2c = term == P2C_TERM
+    padded = tl.load(MASK + b * stride_mask_b + rows, mask=in_seq, other=0) == 0
+    bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
+    row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
+    pos_base = POS + term * stride_pos_t + h * stride_pos_h
+    for p0 in range(0, tl.where(live, P, 0), BLOCK_P):
+        pp = p0 + tl.arange(0, BLOCK_P)
+        if EVEN_P:
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
+        else:
+            r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=(pp[:, None] < P) & d_ok[None, :],
+                        other=0.0)
+        acc = tl.dot(x, tl.trans(r), input_precision=DOT_PRECISION) + bias[:, None]
+        if EVEN_P:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
+        else:
+            tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
+    if is_p2c & live:
+        xf = x.to(tl.float32)
+        top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
+        zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
         edge = EDGES + b * stride_edge_b + g * stride_edge_h + rows
-        bias = tl.where(tl.load(MASK + b * stride_mask_b + rows, mask=in_seq, other=0) != 0, 0.0, float("-inf"))
-        p2c_top = bias
-        p2c_zero = bias
-        if HAS_P2C:
-            k = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                        mask=x_mask, other=0.0).to(tl.float32)
-            pos = POS + P2C_TERM * stride_pos_t + h * stride_pos_h + dd
-            p2c_top += tl.sum(k * tl.load(pos + TOP * stride_pos_p, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
-            p2c_zero += tl.sum(k * tl.load(pos, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
-        tl.store(edge, p2c_top)
-        tl.store(edge + ROWS, p2c_zero)
-        if HAS_C2P:
-            q = tl.load(QKV + b * stride_qkv_b + rows[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :],
-                        mask=x_mask, other=0.0).to(tl.float32)
-            pos = POS + C2P_TERM * stride_pos_t + h * stride_pos_h + dd
-            tl.store(edge + 2 * ROWS, tl.sum(q * tl.load(pos + TOP * stride_pos_p, mask=d_ok, other=0.0)
-                                             .to(tl.float32)[None, :], 1))
-            tl.store(edge + 3 * ROWS, tl.sum(q * tl.load(pos, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1))
+        tl.store(edge, tl.sum(xf * top[None, :], 1) + bias)
+        tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1) + bias)
 
 
 @triton.jit
@@ -238,94 +240,61 @@ def _near_end(i0, SAT_LO, N_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _near_band_kernel(
-    QKV, stride_qkv_b, stride_qkv_s, H, H0,
-    POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
+    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     LUT, LUT_LO, LUT_N,
     MASK, stride_mask_b, RANGES,
-    BAND, stride_band_t, NB,
-    S, G, SAT_HI, SAT_LO, ITEMS, PER_PROGRAM,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BAND, stride_band_bg, NB,
+    S, G, SAT_HI, SAT_LO,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The position terms of the tiles near the diagonal, one contiguous BLOCK_M x BLOCK_N tile each, in the
-    attention kernel's tile order (head, row block, slot): for query i = i0 + r and key j = j0 + t, where j0 is the
-    key block (first near block of the row block + slot),
-        BAND[0] tile[r, t] = Q_i . Kr[idx(i - j)]                      (c2p, query-major)
-        BAND[1] tile[t, r] = K_j . Qr[idx(i - j)] + key mask of j      (p2c, key-major)
-    A tile's distances d = i - j lie in a window of BLOCK_M + BLOCK_N - 1 values, so each term is one small matrix
-    product against the window's rows of Kr (or Qr), e.g. A[r, c] = Q_r . Kr[idx(dmax - c)], whose element (r, c)
-    belongs at t = r + c - (BLOCK_M - 1): a skew, done by the store itself (one masked store per element at an
-    address affine in (r, c), contiguous along c; Triton has no shared-memory addressing to skew in). No position
-    tables, no per-element index lookups. Programs take PER_PROGRAM consecutive items, row blocks fastest, so
-    consecutive tiles mostly share their window (same distance range) and read it from cache."""
+    """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
+    BAND[b, g, i, slot * BLOCK_N + t] = C2P[i, idx(i - j)] + P2C[j, idx(i - j)] (P2C carries the key mask) for key
+    j = (first near block of i's row block + slot) * BLOCK_N + t. The gathers through the index table happen here,
+    in parallel and away from the softmax; the attention kernel then reads each near tile with aligned vector
+    loads."""
     pid = tl.program_id(0)
-    m_blocks = tl.cdiv(S, BLOCK_M)
-    r = tl.arange(0, BLOCK_M)
-    t = tl.arange(0, BLOCK_N)
-    cc = tl.arange(0, BLOCK_N)  # window columns, one chunk of BLOCK_N at a time
-    dd = tl.arange(0, BLOCK_D)
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    for w in range(pid * PER_PROGRAM, tl.minimum(pid * PER_PROGRAM + PER_PROGRAM, ITEMS)):
-        m = w % m_blocks
-        slot = (w // m_blocks) % NB
-        pid_bg = w // (NB * m_blocks)
-        b = (pid_bg // G).to(tl.int64)
-        h = H0 + pid_bg % G
-        i0 = m * BLOCK_M
-        blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
-        j0 = blk * BLOCK_N
-        # Tiles the attention kernel never reads: past the near blocks, or (padding) rows or keys all outside the
-        # sequence's valid tokens.
-        first = tl.load(RANGES + 2 * b)
-        last = tl.load(RANGES + 2 * b + 1)
-        used = (i0 <= last) & (i0 + BLOCK_M > first) & (j0 <= last) & (j0 + BLOCK_N > first)
-        if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
-            QKV_B = QKV + b * stride_qkv_b
-            POS_H = POS + h * stride_pos_h + dd[None, :]
-            tile = BAND + ((pid_bg.to(tl.int64) * m_blocks + m) * NB + slot) * TILE
-            if HAS_C2P:
-                i = i0 + r
-                q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :],
-                            mask=_rows_mask(i < S, HEAD_DIM, BLOCK_D), other=0.0)
-                dmax = i0 - j0 + BLOCK_M - 1
-                for k in range(WIN // BLOCK_N):
-                    c = k * BLOCK_N + cc
-                    idx = tl.load(LUT + tl.minimum(tl.maximum(dmax - c - LUT_LO, 0), LUT_N - 1))
-                    kr = tl.load(POS_H + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p,
-                                 mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
-                    a = tl.dot(q, tl.trans(kr), input_precision=DOT_PRECISION)
-                    tt = r[:, None] + c[None, :] - (BLOCK_M - 1)
-                    tl.store(tile + r[:, None] * BLOCK_N + tt, a.to(BAND.dtype.element_ty),
-                             mask=(tt >= 0) & (tt < BLOCK_N))
-            if HAS_P2C:
-                j = j0 + t
-                k_rows = tl.load(QKV_B + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                                 mask=_rows_mask(j < S, HEAD_DIM, BLOCK_D), other=0.0)
-                key_ok = tl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) != 0
-                key_bias = tl.where(key_ok, 0.0, float("-inf"))
-                dmin = i0 - j0 - (BLOCK_N - 1)
-                for k in range(WIN // BLOCK_N):
-                    c = k * BLOCK_N + cc
-                    idx = tl.load(LUT + tl.minimum(tl.maximum(dmin + c - LUT_LO, 0), LUT_N - 1))
-                    qr = tl.load(POS_H + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p,
-                                 mask=_rows_mask(c >= 0, HEAD_DIM, BLOCK_D), other=0.0)
-                    bm = tl.dot(k_rows, tl.trans(qr), input_precision=DOT_PRECISION) + key_bias[:, None]
-                    rr = t[:, None] + c[None, :] - (BLOCK_N - 1)
-                    tl.store(tile + stride_band_t + t[:, None] * BLOCK_M + rr, bm.to(BAND.dtype.element_ty),
-                             mask=(rr >= 0) & (rr < BLOCK_M))
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    m = pid // NB
+    slot = pid % NB
+    i0 = m * BLOCK_M
+    blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
+    # Tiles the attention kernel never reads: past the near blocks, or (padding) rows or keys all outside the
+    # sequence's valid tokens.
+    first = tl.load(RANGES + 2 * b)
+    last = tl.load(RANGES + 2 * b + 1)
+    used = (i0 <= last) & (i0 + BLOCK_M > first) & (blk * BLOCK_N <= last) & ((blk + 1) * BLOCK_N > first)
+    if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
+        i = i0 + tl.arange(0, BLOCK_M)
+        j = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+        P2C_B = TAB + P2C_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+        val = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_C2P:
+            idx = tl.load(LUT + tl.minimum(tl.maximum(i[:, None] - j[None, :] - LUT_LO, 0), LUT_N - 1))
+            val += tl.load(C2P_B + i[:, None] * P + idx).to(tl.float32)
+        if HAS_P2C:
+            # Key-major gather, then transposed: each key's reads lie in one table row (coalesced).
+            idx_t = tl.load(LUT + tl.minimum(tl.maximum(i[None, :] - j[:, None] - LUT_LO, 0), LUT_N - 1))
+            val += tl.trans(tl.load(P2C_B + j[:, None] * P + idx_t)).to(tl.float32)
+        else:
+            key_ok = tl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) != 0
+            val += tl.where(key_ok, 0.0, float("-inf"))[None, :]
+        out = BAND + pid_bg.to(tl.int64) * stride_band_bg + i[:, None] * (NB * BLOCK_N) + slot * BLOCK_N
+        tl.store(out + tl.arange(0, BLOCK_N)[None, :], val.to(BAND.dtype.element_ty))
 
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_TILE, stride_band_t,
+    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_ROW,
     QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
     NEAR: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax. Saturated (not NEAR): every pair reads the same table column, so add the
-    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the near band's tiles at BAND_TILE (c2p) and
-    BAND_TILE + stride_band_t (p2c, key-major)."""
+    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the tile of the near band whose rows start at
+    BAND_ROW."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
@@ -336,17 +305,9 @@ def _attend_block(
         kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
     k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
     if NEAR:
-        # The band tiles go in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
+        # The band tile goes in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
         # twice, once in the load layout and once in the MMA layout (seen in the TTGIR).
-        r = tl.arange(0, BLOCK_M)
-        t = tl.arange(0, BLOCK_N)
-        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_C2P:
-            bias += tl.load(BAND_TILE + r[:, None] * BLOCK_N + t[None, :]).to(tl.float32)
-        if HAS_P2C:  # key-major tile, carrying the key mask
-            bias += tl.load(BAND_TILE + stride_band_t + t[None, :] * BLOCK_M + r[:, None]).to(tl.float32)
-        else:
-            bias += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
+        bias = tl.load(BAND_ROW[:, None] + tl.arange(0, BLOCK_N)[None, :]).to(tl.float32)
         s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -371,11 +332,12 @@ def _attend_block(
 @triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
-    EDGES, stride_edge_b, stride_edge_h, ROWS,
-    BAND, stride_band_t, NB,
+    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
+    EDGES, stride_edge_b, stride_edge_h,
+    BAND, stride_band_bg, NB,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
+    S, H, H0, G, TOP, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -410,19 +372,16 @@ def _attention_kernel(
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
     hi_end = tl.minimum(tl.maximum(near_first, blk_first), blk_end)
     lo_start = tl.minimum(tl.maximum(_near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N), hi_end), blk_end)
-    # This row block's tiles of the near band: key block near_first + k is tile k.
-    BAND_M = BAND + ((pid_bg.to(tl.int64) * tl.cdiv(S, BLOCK_M) + pid_m) * NB - near_first) * (BLOCK_M * BLOCK_N)
+    # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
+    BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
-    # Rows of `position_edges`: P2C at the top index and at index 0 per key, C2P at both per query (only written
-    # when some tile is saturated).
-    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h
+    C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
+    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h  # P2C at the top index, then at index 0
     c2p_top = tl.zeros([BLOCK_M], tl.float32)
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
     if HAS_C2P:
-        if hi_end > blk_first:
-            c2p_top = tl.load(EDGE_B + 2 * ROWS + i)
-        if blk_end > lo_start:
-            c2p_zero = tl.load(EDGE_B + 3 * ROWS + i)
+        c2p_top = tl.load(C2P_B + i * P + TOP).to(tl.float32)
+        c2p_zero = tl.load(C2P_B + i * P).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -431,17 +390,17 @@ def _attention_kernel(
     # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
     for blk in range(blk_first, hi_end):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_M, stride_band_t,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for blk in range(lo_start, blk_end):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_M, stride_band_t,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     for blk in range(hi_end, lo_start):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_M + blk * (BLOCK_M * BLOCK_N), stride_band_t,
+            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
@@ -485,109 +444,96 @@ def _table_rows(seq_len: int) -> int:
     return triton.cdiv(seq_len, unit) * unit
 
 
-# The near band per launch stays under this many bytes: long sequences take their heads in groups (at 8192 tokens,
-# the demo config's 6 heads in two launches of 3).
+# Position tables and near band per launch stay under this many bytes: long sequences take their heads in groups
+# (at 8192 tokens, 2 of the demo config's 6 heads per launch: 256 programs, enough to fill an H100).
 TABLE_BUDGET = 96 << 20
 
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
                      tiles: Tiles, budget: int | None = None) -> int:
-    """How many heads one launch takes so that its near band stays under the budget, in launches of equal size."""
+    """How many heads one launch takes so that its tables and near band stay under the budget."""
     budget = budget or TABLE_BUDGET
     if positions is None:
         return heads
-    slots, _ = tile_plan(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n)
-    terms = positions.pos.shape[0]
-    per_head = terms * batch * triton.cdiv(seq_len, tiles.block_m) * slots * tiles.block_m * tiles.block_n * itemsize
-    most = max(1, min(heads, budget // per_head))
-    return triton.cdiv(heads, triton.cdiv(heads, most))
+    terms, _, width, _ = positions.pos.shape
+    band = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
+    per_head = batch * _table_rows(seq_len) * (width * terms + band) * itemsize
+    return max(1, min(heads, budget // per_head))
 
 
 @lru_cache(maxsize=None)
-def tile_plan(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> tuple[int, bool]:
-    """(slots, far): the most key blocks any row block has near the diagonal (neither saturated at the top index nor
-    at 0), which is the near band's width in key blocks, and whether any tile is saturated. The same arithmetic as
-    the kernels' _near_first / _near_end."""
+def near_slots(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> int:
+    """The most key blocks any row block has near the diagonal (neither saturated at the top index nor at 0): the
+    near band's width in key blocks. The same arithmetic as the kernels' _near_first / _near_end."""
     hi, lo = saturation
     n_blocks = triton.cdiv(seq_len, block_n)
-    most, far = 0, False
+    most = 0
     for i0 in range(0, seq_len, block_m):
         x = i0 - block_n + 1 - hi
         first = x // block_n + 1 if x >= 0 else 0
         y = i0 + block_m - 1 - lo
         end = min((y + block_n - 1) // block_n if y > 0 else 0, n_blocks)
         most = max(most, end - first)
-        far = far or first > 0 or end < n_blocks
-    return max(most, 1), far
+    return max(most, 1)
 
 
-# The near-band kernel's launch: programs per streaming multiprocessor (each takes a run of consecutive tiles) and
-# warps per program (8 keep the skewed stores' addresses in registers: 104 registers on sm_90 against 226 with 4).
-BAND_PROGRAMS_PER_SM = 4
-BAND_WARPS = 8
-
-
-def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
-              positions: Positions, tiles: Tiles, h0: int = 0, group: int | None = None,
-              saturation: tuple[int, int] | None = None) -> torch.Tensor:
-    """The near-diagonal position terms of heads h0 .. h0+group-1: [terms, B * group, row blocks, slots,
-    block_m * block_n], c2p tiles query-major, p2c tiles key-major with the key mask (see `_near_band_kernel`);
-    ranges from `valid_ranges(mask)`."""
-    batch, seq, _ = qkv.shape
-    group = group or heads
+def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions: Positions, tiles: Tiles,
+              group: int, saturation: tuple[int, int] | None = None) -> torch.Tensor:
+    """The near-diagonal position terms [B * group, rows, slots * block_n] in the attention kernel's tiles (see
+    `_near_band_kernel`), from `position_tables`' tables; ranges from `valid_ranges(mask)`."""
+    _, batch, _, rows, width = tables.shape
+    seq = mask.shape[1]
     sat = saturation or positions.rule.saturation
-    slots, _ = tile_plan(sat, seq, tiles.block_m, tiles.block_n)
-    m_blocks = triton.cdiv(seq, tiles.block_m)
-    terms = positions.pos.shape[0]
-    band = torch.empty((terms, batch * group, m_blocks, slots, tiles.block_m * tiles.block_n), device=qkv.device,
-                       dtype=qkv.dtype)
-    win = triton.cdiv(tiles.block_m + tiles.block_n - 1, tiles.block_n) * tiles.block_n
-    items = batch * group * m_blocks * slots
-    if INTERPRET or qkv.device.type != "cuda":
-        programs = min(items, 4)
-    else:
-        programs = min(items, BAND_PROGRAMS_PER_SM * torch.cuda.get_device_properties(qkv.device).multi_processor_count)
-    lut, lut_lo = index_table(positions.rule, qkv.device)
-    pos = positions.pos
-    _near_band_kernel[(programs,)](
-        qkv, qkv.stride(0), qkv.stride(1), heads, h0,
-        pos, pos.stride(0), pos.stride(1), pos.stride(2), positions.c2p_term or 0, positions.p2c_term or 0,
+    slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
+    band = torch.empty((batch * group, rows, slots * tiles.block_n), device=tables.device, dtype=tables.dtype)
+    lut, lut_lo = index_table(positions.rule, tables.device)
+    grid = (triton.cdiv(seq, tiles.block_m) * slots, batch * group)
+    _near_band_kernel[grid](
+        tables, tables.stride(0), positions.c2p_term or 0, positions.p2c_term or 0, rows, width,
         lut, lut_lo, lut.numel(),
         mask, mask.stride(0), ranges,
-        band, band.stride(0) if terms == 2 else 0, slots,
-        seq, group, sat[0], sat[1], items, triton.cdiv(items, programs),
+        band, band.stride(0), slots,
+        seq, group, sat[0], sat[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        WIN=win, DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=1 if INTERPRET else BAND_WARPS, num_stages=1)
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4)
     return band
 
 
-def position_edges(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
-                   positions: Positions, h0: int = 0, group: int | None = None) -> torch.Tensor:
-    """What saturated tiles add, for heads h0 .. h0+group-1: [B, group, 4, rows] float32 (P2C + key mask at the top
-    index and at index 0 per key, C2P at both per query; see `_position_edges_kernel`)."""
+def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
+                    positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
+    P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
+    [B, group, 2, rows] float32 (P2C at the top index and at index 0); ranges from `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
-    rows = _table_rows(seq)
-    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
     pos = positions.pos
+    terms, _, width, _ = pos.shape
+    rows = _table_rows(seq)
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
+    columns = [0] * terms
+    if positions.p2c_term is not None:
+        columns[positions.p2c_term] = heads * head_dim
     block = 16 if INTERPRET else 64
-    _position_edges_kernel[(rows // block, batch * group)](
-        qkv, qkv.stride(0), qkv.stride(1), heads,
-        pos, pos.stride(0), pos.stride(1), pos.stride(2), positions.c2p_term or 0, positions.p2c_term or 0,
+    grid = (rows // block, batch * group, terms)
+    _position_tables_kernel[grid](
+        qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
+        pos, pos.stride(0), pos.stride(1), pos.stride(2),
         mask, mask.stride(0), ranges,
-        edges, edges.stride(0), edges.stride(1),
-        seq, h0, group, rows, pos.shape[2] - 1,
-        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, KEY_BLOCK=128,
+        tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
+        seq, h0, group, rows, width, width - 1,
+        positions.p2c_term if positions.p2c_term is not None else -1,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
+        EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
         num_warps=1 if INTERPRET else 4)
-    return edges
+    return tab, edges
 
 
 @lru_cache(maxsize=None)
 def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor, int]:
     """(LUT, lo): LUT[d - lo] = idx(d) for every distance between the saturation bounds, computed once per rule and
-    device by the Triton index function (`kernel_index`); the near band reads one window of it per tile."""
+    device by the Triton index function (`kernel_index`), so the attention kernel reads one small table instead
+    of evaluating log, two IEEE divisions and a ceil for every (i, j)."""
     hi, lo = rule.saturation
     return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
@@ -596,7 +542,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int | None = None,
               ranges: torch.Tensor | None = None) -> torch.Tensor:
-    """Context [B, S, H*D] of one DeBERTa attention layer: near band (and edges), then attention, per group of heads.
+    """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
     factor: 1/sqrt(D * scale_factor); ranges: `valid_ranges(mask)`, computed here when not given (a model passes
@@ -615,27 +561,26 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
-        # What a launch never reads (no saturated tile, or no position terms): placeholders, no kernel to fill them.
-        edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
-        band, c2p, p2c, band_plane, slots = out, None, None, 0, 1
         if positions is None:  # every key block "saturated": only the key mask is added
-            sat_hi, sat_lo = -(1 << 30), 1 << 30
+            tab, edges, band = qkv, qkv.new_zeros((1, 1, 2, 1), dtype=torch.float32), qkv
+            c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, -(1 << 30), 1 << 30
         else:
-            sat_hi, sat_lo = saturation or positions.rule.saturation
-            slots, far = tile_plan((sat_hi, sat_lo), seq, tiles.block_m, tiles.block_n)
-            if far:
-                edges = position_edges(qkv, mask, ranges, heads, head_dim, positions, h0, g)
-            band = near_band(qkv, mask, ranges, heads, head_dim, positions, tiles, h0, g, saturation)
-            band_plane = band.stride(0) if band.shape[0] == 2 else 0
+            tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
+            band = near_band(tab, mask, ranges, positions, tiles, g, saturation)
             c2p, p2c = positions.c2p_term, positions.p2c_term
+            rows, width = tab.shape[3], tab.shape[4]
+            top = width - 1
+            sat_hi, sat_lo = saturation or positions.rule.saturation
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
-            edges, edges.stride(0), edges.stride(1), edges.shape[-1],
-            band, band_plane, slots,
+            tab, tab.stride(0) if positions is not None else 0, c2p or 0, p2c or 0, rows, width,
+            edges, edges.stride(0), edges.stride(1),
+            band, band.stride(0) if positions is not None else 0,
+            band.shape[2] // tiles.block_n if positions is not None else 1,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
-            seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
+            seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),

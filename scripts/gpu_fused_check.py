@@ -4,7 +4,7 @@
 1. The kernel's log-bucket index against Hugging Face's make_log_bucket_position computed on this GPU and on the CPU.
 2. Whole models, fp16 and bf16 fused vs the fp32 Hugging Face model (TF32 off), padded batch, for the demo config
    and v3-xsmall/base/large-shaped random configs: relative L2 on the real tokens, NaN check.
-3. The attention kernel (real mix of tiles, all far, no position terms, band and edges alone) against PyTorch SDPA (flash)
+3. The attention kernel (real mix of tiles, all far, no position terms, tables alone) against PyTorch SDPA (flash)
    on the same Q/K/V shapes, for one or several tile choices.
 4. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
    and where the memory goes at 8192 tokens.
@@ -85,8 +85,8 @@ def _graph_us(fn, launches=10):
 
 def variant_timing(seqs, tiles_list, batch=1):
     """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
-    terms (plain flash attention with a padding mask), the near band and the edges alone, and SDPA on the same
-    shapes. Every case but "no position terms" includes the band (and, where some tile is saturated, the edges)."""
+    terms (plain flash attention with a padding mask), the position tables alone and with the near band, and SDPA
+    on the same shapes. Every case but "no position terms" includes the tables and the band."""
     rows = []
     heads, dim = 6, 64
     big = 1 << 20
@@ -97,10 +97,11 @@ def variant_timing(seqs, tiles_list, batch=1):
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for tiles in tiles_list:
             cases = {
-                "real (band + edges + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07,
-                                                                        tiles=tiles),
-                "edges only": lambda: fa.position_edges(qkv, mask, ranges, heads, dim, positions),
-                "near band only": lambda: fa.near_band(qkv, mask, ranges, heads, dim, positions, tiles),
+                "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
+                "tables only": lambda: fa.position_tables(qkv, mask, ranges, heads, dim, positions),
+                "tables + near band": lambda: fa.near_band(
+                    fa.position_tables(qkv, mask, ranges, heads, dim, positions)[0], mask, ranges, positions, tiles,
+                    heads),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
@@ -114,25 +115,6 @@ def variant_timing(seqs, tiles_list, batch=1):
                 rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
     print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
-
-
-def band_sweep(shapes, choices):
-    """The near-band kernel alone per programs-per-SM choice, on (batch, seq) shapes."""
-    rows = []
-    heads, dim = 6, 64
-    original = fa.BAND_PROGRAMS_PER_SM
-    try:
-        for batch, seq in shapes:
-            qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
-            ranges = fa.valid_ranges(mask)
-            tiles = fa.default_tiles(dim, qkv.dtype)
-            for per_sm in choices:
-                fa.BAND_PROGRAMS_PER_SM = per_sm
-                t = _graph_us(lambda: fa.near_band(qkv, mask, ranges, heads, dim, positions, tiles))
-                rows.append([str(batch), str(seq), str(per_sm), f"{t:.1f}"])
-    finally:
-        fa.BAND_PROGRAMS_PER_SM = original
-    print(report.table(["batch", "seq", "programs per SM", "near band us"], rows))
 
 
 def _tiles(t):
@@ -231,7 +213,6 @@ def main():
     parser.add_argument("--variants-only", action="store_true")
     parser.add_argument("--skip-variants", action="store_true")
     parser.add_argument("--tile-sweep", action="store_true", help="kernel variants and end to end for several tiles")
-    parser.add_argument("--band-sweep", action="store_true", help="near-band kernel per programs per SM")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     sweep = [fa.Tiles(64, 64, 4, 3), fa.Tiles(64, 64, 4, 2), fa.Tiles(32, 64, 4, 2), fa.Tiles(128, 64, 8, 2),
@@ -240,8 +221,6 @@ def main():
         variant_timing([512, 2048, 8192], sweep if args.tile_sweep else sweep[:1])
         if args.tile_sweep:
             variant_timing([512], sweep, batch=32)
-    if args.band_sweep:
-        band_sweep([(1, 512), (1, 2048), (1, 8192), (32, 512)], [1, 2, 4, 8, 16])
     if args.variants_only:
         return
     index_check()

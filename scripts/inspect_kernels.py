@@ -92,7 +92,7 @@ def main():
     args = parser.parse_args()
 
     calls = []
-    for name in ("_attention_kernel", "_position_edges_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
+    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
                                            .to(torch.int32), rule.saturation[1])
