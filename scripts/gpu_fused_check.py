@@ -206,15 +206,60 @@ def memory(seq):
                          f"{(peak - weights - prepared) / mib:.0f}"]]))
 
 
+def graph_memory(seq, budgets):
+    """Peak memory and latency at one long sequence, eager and through GraphRunner (capture, replay), timed both as
+    here (triton do_bench) and as the benchmark times its cells (deberta_tools.timing.measure_cuda)."""
+    from deberta_tools import timing
+    rows = []
+    original = fa.TABLE_BUDGET
+    try:
+        for budget in budgets:
+            fa.TABLE_BUDGET = budget
+            model = _model()
+            fused = fused_model.fuse(model)
+            feeds = random_inputs(1, seq, model.config.vocab_size, seed=1)
+            ids = torch.from_numpy(feeds["input_ids"]).cuda()
+            mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+            gib = 2 ** 30
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                fused(input_ids=ids, attention_mask=mask)
+            eager = torch.cuda.max_memory_allocated()
+            runner = fused_model.GraphRunner(fused)
+            torch.cuda.reset_peak_memory_stats()
+            runner(ids, mask)
+            capture = torch.cuda.max_memory_allocated()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            runner(ids, mask)
+            replay = torch.cuda.max_memory_allocated()
+            bench = do_bench(lambda: runner(ids, mask), warmup=50, rep=300, return_mode="median")
+            events = timing.measure_cuda(lambda: runner(ids, mask), torch.cuda.current_stream(), warmup=10,
+                                         iterations=100).median_ms
+            rows.append([str(seq), f"{budget >> 20}", f"{base / gib:.3f}", f"{eager / gib:.3f}", f"{capture / gib:.3f}",
+                         f"{held / gib:.3f}", f"{replay / gib:.3f}", f"{bench:.3f}", f"{events:.3f}"])
+            runner = fused = model = None
+            torch.cuda.empty_cache()
+    finally:
+        fa.TABLE_BUDGET = original
+    print(report.table(["seq", "table budget MiB", "weights GiB", "eager peak", "capture peak", "held after capture",
+                        "replay peak", "do_bench ms", "CUDA events ms"], rows))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--variants-only", action="store_true")
     parser.add_argument("--skip-variants", action="store_true")
+    parser.add_argument("--graph-memory", action="store_true", help="only the 8192-token memory and timing probe")
     parser.add_argument("--tile-sweep", action="store_true", help="kernel variants and end to end for several tiles")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+    if args.graph_memory:
+        graph_memory(8192, [64 << 20, 96 << 20, 128 << 20, 1 << 40])
+        return
     sweep = [fa.Tiles(64, 64, 4, 3), fa.Tiles(64, 64, 4, 2), fa.Tiles(32, 64, 4, 2), fa.Tiles(128, 64, 8, 2),
              fa.Tiles(128, 128, 8, 2)]
     if not args.skip_variants:
