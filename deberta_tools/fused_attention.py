@@ -452,14 +452,16 @@ TABLE_BUDGET = 128 << 20
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
                      tiles: Tiles, budget: int | None = None) -> int:
-    """How many heads one launch takes so that its tables and near band stay under the budget."""
+    """How many heads one launch takes so that its tables and near band stay under the budget, in launches of equal
+    size (6 heads under a budget of 5 run as 3 + 3, not 5 + 1 with a near-empty second launch)."""
     budget = budget or TABLE_BUDGET
     if positions is None:
         return heads
     terms, _, width, _ = positions.pos.shape
     band = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
     per_head = batch * _table_rows(seq_len) * (width * terms + band) * itemsize
-    return max(1, min(heads, budget // per_head))
+    most = max(1, min(heads, budget // per_head))
+    return triton.cdiv(heads, triton.cdiv(heads, most))
 
 
 @lru_cache(maxsize=None)

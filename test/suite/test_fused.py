@@ -107,6 +107,19 @@ def test_heads_in_groups_match_float64():
     assert err < 1e-5
 
 
+def test_head_groups_are_balanced():
+    """Whatever the budget, the heads split into launches of equal size (no near-empty last launch), more heads
+    per launch as the budget grows, all of them at once when it is large enough."""
+    rule = fa.PositionRule(256, 256, 512)
+    positions = fa.Positions(rule, torch.zeros(2, 6, 512, 64), 0, 1)
+    tiles = fa.default_tiles(64, torch.float16)
+    sizes = [fa.heads_per_launch(positions, 16, 512, 6, 2, tiles, budget=mib << 20) for mib in range(1, 400, 3)]
+    for g in sizes:
+        launches = -(-6 // g)
+        assert g == -(-6 // launches), f"{g} heads per launch leaves an uneven last launch"
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 6 and 3 in sizes and 5 not in sizes
+
+
 def test_mostly_padded_sequences_match_float64():
     """Sequences far shorter than the batch's length: the kernels skip table rows, band tiles and key blocks past the
     last token (and one sequence with no token at all keeps Hugging Face's uniform rows)."""
