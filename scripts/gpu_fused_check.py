@@ -9,7 +9,7 @@
 4. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
    and where the memory goes at 8192 tokens.
 
-    python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep]
+    python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
 """
 
 import argparse
@@ -244,8 +244,8 @@ def graph_memory(seq, budgets):
     finally:
         fa.TABLE_BUDGET = original
     # "allocated before": the weights, plus what earlier rows left in the process (cuBLAS's per-stream workspaces).
-    print(report.table(["seq", "table budget MiB", "allocated before GiB", "eager peak", "capture peak", "held after capture",
-                        "replay peak", "do_bench ms", "CUDA events ms"], rows))
+    print(report.table(["seq", "table budget MiB", "allocated before GiB", "eager peak", "capture peak",
+                        "held after capture", "replay peak", "do_bench ms", "CUDA events ms"], rows))
 
 
 def main():
