@@ -565,7 +565,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         if positions is None:  # every key block "saturated": only the key mask is added
-            tab, edges, band = qkv, qkv.new_zeros((1, 1, 2, 1), dtype=torch.float32), qkv
+            # edges are never read without position terms: a placeholder, with no kernel to fill it
+            tab, edges, band = qkv, torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32), qkv
             c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, -(1 << 30), 1 << 30
         else:
             tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)

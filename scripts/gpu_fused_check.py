@@ -27,6 +27,12 @@ from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
 
 
+def _cuda_inputs(model, batch, seq, seed):
+    """Random token ids and a padded mask (rows after the first shorter) on the GPU, for `model`'s vocabulary."""
+    feeds = random_inputs(batch, seq, model.config.vocab_size, seed=seed)
+    return torch.from_numpy(feeds["input_ids"]).cuda(), torch.from_numpy(feeds["attention_mask"]).cuda()
+
+
 def index_check():
     rows = []
     for rule in (fa.PositionRule(256, 256, 512), fa.PositionRule(256, 256, 256), fa.PositionRule(128, 128, 512)):
@@ -45,9 +51,7 @@ def model_check(shapes, seqs, batch):
     for shape in shapes:
         model = export.random_model(export.shaped_config(shape)).cuda()
         for seq in seqs:
-            feeds = random_inputs(batch, seq, model.config.vocab_size, seed=seq)
-            ids = torch.from_numpy(feeds["input_ids"]).cuda()
-            mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+            ids, mask = _cuda_inputs(model, batch, seq, seed=seq)
             torch.backends.cuda.matmul.allow_tf32 = False
             with torch.no_grad():
                 ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.float().cpu()
@@ -139,9 +143,7 @@ def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None)
         runner = fused_model.GraphRunner(fused)
         for batch in batch_list:
             for seq in seqs:
-                feeds = random_inputs(batch, seq, model.config.vocab_size, seed=1)
-                ids = torch.from_numpy(feeds["input_ids"]).cuda()
-                mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+                ids, mask = _cuda_inputs(model, batch, seq, seed=1)
                 torch.cuda.reset_peak_memory_stats()
                 t = do_bench(lambda: runner(ids, mask), warmup=50, rep=300, return_mode="median")
                 rows.append([label, str(batch), str(seq), f"{t:.3f}", f"{batch * 1e3 / t:,.0f}",
@@ -158,9 +160,7 @@ def profile(seq, batch):
     from torch.profiler import ProfilerActivity, profile as torch_profile
     model = _model()
     runner = fused_model.GraphRunner(fused_model.fuse(model))
-    feeds = random_inputs(batch, seq, model.config.vocab_size, seed=1)
-    ids = torch.from_numpy(feeds["input_ids"]).cuda()
-    mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+    ids, mask = _cuda_inputs(model, batch, seq, seed=1)
     for _ in range(5):
         runner(ids, mask)
     torch.cuda.synchronize()
@@ -190,9 +190,7 @@ def memory(seq):
     model = _model()
     weights = torch.cuda.memory_allocated() - base
     fused = fused_model.fuse(model)
-    feeds = random_inputs(1, seq, model.config.vocab_size, seed=1)
-    ids = torch.from_numpy(feeds["input_ids"]).cuda()
-    mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+    ids, mask = _cuda_inputs(model, 1, seq, seed=1)
     with torch.no_grad():
         fused(input_ids=ids, attention_mask=mask)
     prepared = torch.cuda.memory_allocated() - base - weights
@@ -217,9 +215,7 @@ def graph_memory(seq, budgets):
             fa.TABLE_BUDGET = budget
             model = _model()
             fused = fused_model.fuse(model)
-            feeds = random_inputs(1, seq, model.config.vocab_size, seed=1)
-            ids = torch.from_numpy(feeds["input_ids"]).cuda()
-            mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+            ids, mask = _cuda_inputs(model, 1, seq, seed=1)
             gib = 2 ** 30
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
