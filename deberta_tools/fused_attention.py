@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import window_band
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -162,13 +164,14 @@ def _position_tables_kernel(
     TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
     S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_TABLE: tl.constexpr,
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
-    and rows past S, so the attention kernel needs no key mask. The P2C term also writes its columns TOP and 0 as
-    contiguous float32 rows EDGES[b, g, 0 / 1, r]: what saturated tiles read per key. Rows past the last block of
-    KEY_BLOCK keys (at least the attention kernel's key block) holding a valid token are never read: skipped."""
+    and rows past S, so the attention kernel needs no key mask. Each term also writes its columns TOP and 0 as
+    contiguous float32 rows, what saturated tiles read: EDGES[b, g, 0 / 1, r] for P2C (per key), EDGES[b, g, 2 / 3,
+    r] for C2P (per query). Without WRITE_TABLE only those. Rows past the last block of KEY_BLOCK keys (at least the
+    attention kernel's key block) holding a valid token are never read: skipped."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     term = tl.program_id(2)
@@ -193,7 +196,7 @@ def _position_tables_kernel(
     bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
     row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
-    for p0 in range(0, tl.where(live, P, 0), BLOCK_P):
+    for p0 in range(0, tl.where(live & WRITE_TABLE, P, 0), BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
         if EVEN_P:
             r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
@@ -205,11 +208,11 @@ def _position_tables_kernel(
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
         else:
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
-    if is_p2c & live:
+    if live:
         xf = x.to(tl.float32)
         top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
         zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
-        edge = EDGES + b * stride_edge_b + g * stride_edge_h + rows
+        edge = EDGES + b * stride_edge_b + g * stride_edge_h + tl.where(is_p2c, 0, 2 * ROWS) + rows
         tl.store(edge, tl.sum(xf * top[None, :], 1) + bias)
         tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1) + bias)
 
@@ -332,12 +335,11 @@ def _attend_block(
 @triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
-    TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
-    EDGES, stride_edge_b, stride_edge_h,
+    EDGES, stride_edge_b, stride_edge_h, ROWS,
     BAND, stride_band_bg, NB,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, TOP, SAT_HI, SAT_LO, qk_scale,
+    S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -375,13 +377,13 @@ def _attention_kernel(
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
-    C2P_B = TAB + C2P_TERM * stride_tab_t + pid_bg.to(tl.int64) * ROWS * P
-    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h  # P2C at the top index, then at index 0
+    # P2C at the top index and at index 0 (per key), then C2P at both (per query)
+    EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h
     c2p_top = tl.zeros([BLOCK_M], tl.float32)
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
     if HAS_C2P:
-        c2p_top = tl.load(C2P_B + i * P + TOP).to(tl.float32)
-        c2p_zero = tl.load(C2P_B + i * P).to(tl.float32)
+        c2p_top = tl.load(EDGE_B + 2 * ROWS + i)
+        c2p_zero = tl.load(EDGE_B + 3 * ROWS + i)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -451,15 +453,16 @@ TABLE_BUDGET = 128 << 20
 
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
-                     tiles: Tiles, budget: int | None = None) -> int:
-    """How many heads one launch takes so that its tables and near band stay under the budget, in launches of equal
-    size (6 heads under a budget of 5 run as 3 + 3, not 5 + 1 with a near-empty second launch)."""
+                     tiles: Tiles, budget: int | None = None, tables: bool = True) -> int:
+    """How many heads one launch takes so that its tables (when the Triton band needs them) and near band stay under
+    the budget, in launches of equal size (6 heads under a budget of 5 run as 3 + 3, not 5 + 1 with a near-empty
+    second launch)."""
     budget = budget or TABLE_BUDGET
     if positions is None:
         return heads
     terms, _, width, _ = positions.pos.shape
     band = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
-    per_head = batch * _table_rows(seq_len) * (width * terms + band) * itemsize
+    per_head = batch * _table_rows(seq_len) * (width * terms * tables + band) * itemsize
     most = max(1, min(heads, budget // per_head))
     return triton.cdiv(heads, triton.cdiv(heads, most))
 
@@ -503,17 +506,20 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, po
 
 
 def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
-                    positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: Positions, h0: int = 0, group: int | None = None,
+                    write_table: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
     P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
-    [B, group, 2, rows] float32 (P2C at the top index and at index 0); ranges from `valid_ranges(mask)`."""
+    [B, group, 4, rows] float32 (P2C at the top index and at index 0, then C2P at both); ranges from
+    `valid_ranges(mask)`. Without write_table only the edges (tables None): what the window band needs."""
     batch, seq, _ = qkv.shape
     group = group or heads
     pos = positions.pos
     terms, _, width, _ = pos.shape
     rows = _table_rows(seq)
-    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
-    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype) if write_table \
+        else None
     columns = [0] * terms
     if positions.p2c_term is not None:
         columns[positions.p2c_term] = heads * head_dim
@@ -523,12 +529,12 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
         qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
         pos, pos.stride(0), pos.stride(1), pos.stride(2),
         mask, mask.stride(0), ranges,
-        tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
+        qkv if tab is None else tab, 0 if tab is None else tab.stride(0), edges, edges.stride(0), edges.stride(1),
         seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
         EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
-        num_warps=1 if INTERPRET else 4)
+        WRITE_TABLE=write_table, num_warps=1 if INTERPRET else 4)
     return tab, edges
 
 
@@ -541,16 +547,36 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
     return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
 
+# Which kernel makes the near band when a call does not say: "auto", "window" or "triton" (see band_kernel_for).
+BAND_KERNEL = "auto"
+
+
+def band_kernel_for(qkv: torch.Tensor, head_dim: int, tiles: Tiles, choice: str | None = None) -> str:
+    """Which kernel makes the near band: "window" (window_band, Gluon, Hopper) where it can, else "triton"
+    (position tables, then `near_band`). `choice` (default BAND_KERNEL) forces one; "window" where it cannot run
+    is an error."""
+    choice = choice or BAND_KERNEL
+    can = window_band.supported(qkv, head_dim, tiles.block_m, tiles.block_n)
+    if choice == "auto":
+        return "window" if can else "triton"
+    if choice == "window" and not can:
+        raise ValueError("the window band needs a compute capability 9.x GPU, fp16 or bf16, 64 x 64 tiles and a "
+                         f"head dimension in {window_band.HEAD_DIMS}")
+    if choice not in ("window", "triton"):
+        raise ValueError(f"band kernel must be auto, window or triton, got {choice!r}")
+    return choice
+
+
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int | None = None,
-              ranges: torch.Tensor | None = None) -> torch.Tensor:
-    """Context [B, S, H*D] of one DeBERTa attention layer: position tables, then attention, per group of heads.
+              ranges: torch.Tensor | None = None, band_kernel: str | None = None) -> torch.Tensor:
+    """Context [B, S, H*D] of one DeBERTa attention layer: position terms, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
     factor: 1/sqrt(D * scale_factor); ranges: `valid_ranges(mask)`, computed here when not given (a model passes
-    one per forward to every layer). `saturation` overrides the rule's (hi, lo) bounds for the choice of tile
-    kind: for timing experiments only, results are then wrong."""
+    one per forward to every layer); band_kernel: see `band_kernel_for`. `saturation` overrides the rule's
+    (hi, lo) bounds for the choice of tile kind: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
         raise ValueError(f"qkv must be [B, S, 3*{heads}*{head_dim}] with unit column stride, got {tuple(qkv.shape)}")
@@ -561,30 +587,37 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     if ranges is None:
         ranges = valid_ranges(mask)
     tiles = tiles or default_tiles(head_dim, qkv.dtype)
-    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget)
+    kind = band_kernel_for(qkv, head_dim, tiles, band_kernel)
+    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
+                             tables=kind == "triton")
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
-            tab, edges, band = qkv, torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32), qkv
-            c2p, p2c, rows, width, top, sat_hi, sat_lo = None, None, 0, 0, 0, -(1 << 30), 1 << 30
+            edges, band = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32), qkv
+            c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
-            tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
-            band = near_band(tab, mask, ranges, positions, tiles, g, saturation)
+            sat = saturation or positions.rule.saturation
+            tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g,
+                                         write_table=kind == "triton")
+            rows = edges.shape[3]
+            if kind == "window":
+                slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
+                band = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows, slots, sat,
+                                             index_table(positions.rule, qkv.device))
+            else:
+                band = near_band(tab, mask, ranges, positions, tiles, g, sat)
             c2p, p2c = positions.c2p_term, positions.p2c_term
-            rows, width = tab.shape[3], tab.shape[4]
-            top = width - 1
-            sat_hi, sat_lo = saturation or positions.rule.saturation
+            sat_hi, sat_lo = sat
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
-            tab, tab.stride(0) if positions is not None else 0, c2p or 0, p2c or 0, rows, width,
-            edges, edges.stride(0), edges.stride(1),
+            edges, edges.stride(0), edges.stride(1), rows,
             band, band.stride(0) if positions is not None else 0,
             band.shape[2] // tiles.block_n if positions is not None else 1,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
-            seq, heads, h0, g, top, sat_hi, sat_lo, factor * _LOG2E,
+            seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),

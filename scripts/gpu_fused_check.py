@@ -10,6 +10,7 @@
    and where the memory goes at 8192 tokens.
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
+                                      [--band auto|window|triton] [--compare-bands]
 """
 
 import argparse
@@ -22,7 +23,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import export, fused_attention as fa, fused_model, report  # noqa: E402
+from deberta_tools import export, fused_attention as fa, fused_model, report, window_band  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
 
@@ -90,7 +91,9 @@ def _graph_us(fn, launches=10):
 def variant_timing(seqs, tiles_list, batch=1):
     """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
     terms (plain flash attention with a padding mask), the position tables alone and with the near band, and SDPA
-    on the same shapes. Every case but "no position terms" includes the tables and the band."""
+    on the same shapes; the real mix and the band with either band kernel (Triton: position tables, then gathers;
+    window: the Gluon band from the relative embeddings, after the edge vectors). "all tiles far" uses the default
+    band kernel."""
     rows = []
     heads, dim = 6, 64
     big = 1 << 20
@@ -100,12 +103,23 @@ def variant_timing(seqs, tiles_list, batch=1):
         ranges = fa.valid_ranges(mask)
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for tiles in tiles_list:
+            sat = positions.rule.saturation
+            rows_ = fa._table_rows(seq)
+            slots = fa.near_slots(sat, seq, tiles.block_m, tiles.block_n)
             cases = {
-                "real (tables + attention)": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles),
+                "real, Triton band": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
+                                                          band_kernel="triton"),
                 "tables only": lambda: fa.position_tables(qkv, mask, ranges, heads, dim, positions),
                 "tables + near band": lambda: fa.near_band(
                     fa.position_tables(qkv, mask, ranges, heads, dim, positions)[0], mask, ranges, positions, tiles,
                     heads),
+                "real, window band": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
+                                                          band_kernel="window"),
+                "edges only": lambda: fa.position_tables(qkv, mask, ranges, heads, dim, positions,
+                                                         write_table=False),
+                "window band only": lambda: window_band.near_band(
+                    qkv, mask, ranges, positions, heads, dim, 0, heads, rows_, slots, sat,
+                    fa.index_table(positions.rule, qkv.device)),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
@@ -252,8 +266,21 @@ def main():
     parser.add_argument("--skip-variants", action="store_true")
     parser.add_argument("--graph-memory", action="store_true", help="only the 8192-token memory and timing probe")
     parser.add_argument("--tile-sweep", action="store_true", help="kernel variants and end to end for several tiles")
+    parser.add_argument("--band", choices=["auto", "window", "triton"], default="auto",
+                        help="near band kernel for the model checks, end to end and profiles")
+    parser.add_argument("--compare-bands", action="store_true",
+                        help="kernel variants (batch 1 and 32) and end to end with each band kernel, then stop")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+    fa.BAND_KERNEL = args.band
+    if args.compare_bands:
+        variant_timing([512, 2048, 8192], [fa.Tiles(64, 64, 4, 3)])
+        variant_timing([512], [fa.Tiles(64, 64, 4, 3)], batch=32)
+        for band in ("triton", "window"):
+            fa.BAND_KERNEL = band
+            end_to_end([512, 1024, 2048, 4096, 8192], [1], label=f"default tiles, {band} band")
+            end_to_end([512], [32], label=f"default tiles, {band} band")
+        return
     if args.graph_memory:
         graph_memory(8192, [64 << 20, 96 << 20, 128 << 20, 1 << 40])
         return

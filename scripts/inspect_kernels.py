@@ -6,7 +6,7 @@ recorded launch ahead of time with Triton's own compiler and ptxas (both ship in
 architecture. Per kernel: registers, spills, shared memory, and the global loads by vector width in the PTX, so a
 change that stops a table read from vectorising shows up without a GPU.
 
-    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--dump DIR]
+    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window] [--dump DIR]
 """
 
 import argparse
@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import fused_attention as fa, report  # noqa: E402
+from deberta_tools import fused_attention as fa, report, window_band  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -34,7 +34,7 @@ class _Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the call."""
 
     def __init__(self, fn, calls):
-        self.fn, self.calls = fn, calls
+        self.fn, self.calls = fn.fn if isinstance(fn, _Recorder) else fn, calls
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):
@@ -63,7 +63,34 @@ def _source(fn, args, kwargs):
                 attrs[(n,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32"
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource
+        return GluonASTSource(fn, signature, constexprs, attrs), options
     return ASTSource(fn, signature, constexprs, attrs), options
+
+
+def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, band: str = "triton",
+                    tiles: "fa.Tiles | None" = None) -> list:
+    """Run `fused_attention.attention` on CPU tensors with every kernel launch recorded instead of run (the
+    demo config's position rule); band "window" takes the Gluon band as if on a Hopper GPU."""
+    calls = []
+    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
+        setattr(fa, name, _Recorder(getattr(fa, name), calls))
+    window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
+    window_band.supported = lambda *args: band == "window"
+    fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
+                                           .to(torch.int32), rule.saturation[1])
+    rule = fa.PositionRule(256, 256, 512)
+    positions = fa.Positions(rule, torch.zeros(2, heads, 512, head_dim, dtype=dtype), 0, 1)
+    fa.attention(torch.zeros(batch, seq, 3 * heads * head_dim, dtype=dtype), torch.ones(batch, seq, dtype=torch.int32),
+                 heads, head_dim, positions, 0.07, tiles=tiles, band_kernel=band)
+    return calls
+
+
+def compile_launch(fn, args, kwargs, arch: int = 90):
+    """One recorded launch compiled ahead of time for sm_<arch> with Triton's compiler and ptxas."""
+    src, options = _source(fn, args, kwargs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -88,32 +115,25 @@ def main():
     parser.add_argument("--block-n", type=int)
     parser.add_argument("--num-warps", type=int)
     parser.add_argument("--num-stages", type=int)
+    parser.add_argument("--band", choices=["triton", "window"], default="triton",
+                        help="near band kernel: Triton (position tables + gathers) or the Gluon window band")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
-    calls = []
-    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
-        setattr(fa, name, _Recorder(getattr(fa, name), calls))
-    fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
-                                           .to(torch.int32), rule.saturation[1])
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     b, s, h, d = args.batch_size, args.seq_len, args.heads, args.head_dim
-    rule = fa.PositionRule(256, 256, 512)
-    positions = fa.Positions(rule, torch.zeros(2, h, 512, d, dtype=dtype), 0, 1)
     tiles = None
     if args.block_m:
         tiles = fa.Tiles(args.block_m, args.block_n or 64, args.num_warps or 4, args.num_stages or 2)
-    fa.attention(torch.zeros(b, s, 3 * h * d, dtype=dtype), torch.ones(b, s, dtype=torch.int32), h, d, positions,
-                 0.07, tiles=tiles)
+    calls = record_launches(b, s, h, d, dtype, args.band, tiles)
 
-    target = GPUTarget("cuda", args.arch, 32)
     rows, seen = [], set()
     for fn, grid, a, kw in calls:
         src, options = _source(fn, a, kw)
         if (fn.__name__, src.hash()) in seen:
             continue
         seen.add((fn.__name__, src.hash()))
-        kernel = triton.compile(src, target=target, options=options)
+        kernel = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=options)
         ptx = kernel.asm["ptx"]
         loads = {w: len(re.findall(rf"ld\.global(?:\.\w+)*\.v{w}\.", ptx)) for w in (2, 4)}
         scalar = len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b16|u16|b32|f32|u32|s32)\s", ptx))
@@ -125,7 +145,7 @@ def main():
             args.dump.mkdir(parents=True, exist_ok=True)
             for kind in ("ttgir", "ptx"):
                 (args.dump / f"{fn.__name__}.{kind}").write_text(kernel.asm[kind])
-    print(f"sm_{args.arch}, {args.dtype}, batch {b}, seq {s}, {h} heads of {d}, triton {triton.__version__}")
+    print(f"sm_{args.arch}, {args.dtype}, {args.band} band, batch {b}, seq {s}, {h} heads of {d}, triton {triton.__version__}")
     print(report.table(["kernel", "grid", "tiles", "registers", "stack bytes", "shared bytes", "ld.v4", "ld.v2",
                         "scalar loads", "wgmma"], rows))
 

@@ -51,8 +51,10 @@ def test_saturation_bounds_match_the_rule():
         assert rule.index(torch.tensor([lo + 1]))[0] != 0 and torch.all(rule.index(torch.arange(lo - 3000, lo + 1)) == 0)
 
 
-def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, **extra):
-    """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 inputs of the same layer."""
+def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, dtype=torch.float32, band_kernel=None,
+                    **extra):
+    """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 (or `dtype`) inputs of the same
+    layer."""
     torch.manual_seed(seed)
     ref_model = make_model(name, **extra).double()
     enc = ref_model.encoder
@@ -64,14 +66,14 @@ def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, *
         att = enc.layer[0].attention.self
         want = att(x, enc.get_attention_mask(mask), relative_pos=enc.get_rel_pos(x),
                    rel_embeddings=enc.get_rel_embedding())[0]
-        fused = fused_model.fuse(copy.deepcopy(ref_model).float().to(DEVICE))
+        fused = fused_model.fuse(copy.deepcopy(ref_model).to(dtype).to(DEVICE))
         encoder = fused.encoder
-        encoder._prepare(torch.device(DEVICE), torch.float32)
+        encoder._prepare(torch.device(DEVICE), dtype)
         layer = encoder._layers[0]
-        qkv = torch.nn.functional.linear(x.float().to(DEVICE), layer.w_qkv, layer.b_qkv)
-        out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE)
+        qkv = torch.nn.functional.linear(x.to(dtype).to(DEVICE), layer.w_qkv, layer.b_qkv)
+        out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE, dtype=dtype)
         fa.attention(qkv, mask.to(torch.int32).to(DEVICE), layer.heads, layer.head_dim, layer.positions,
-                     layer.factor, out=out, table_budget=table_budget)
+                     layer.factor, out=out, table_budget=table_budget, band_kernel=band_kernel)
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
     return _rel(out, want), encoder.rule
 
@@ -125,6 +127,55 @@ def test_mostly_padded_sequences_match_float64():
     last token (and one sequence with no token at all keeps Hugging Face's uniform rows)."""
     err, _ = _attention_case("v3", batch=4, seq=150, lengths=[150, 20, 131, 0], **SMALL_SPAN)
     assert err < 1e-5
+
+
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the window band (Gluon, wgmma) runs on compute capability 9.x GPUs")
+@pytest.mark.parametrize("name,extra", [
+    ("v3", dict(hidden_size=128)),                          # 2 heads of 64, log buckets 32 / 64: far tiles too
+    ("v3_span256", dict(hidden_size=256)),                  # v3's own span: every tile near at 300 tokens
+    ("c2p_only", dict(hidden_size=128)),
+    ("p2c_only", dict(hidden_size=128)),
+    ("v3", dict(hidden_size=256, position_buckets=64, max_relative_positions=128)),  # 2 heads of 128
+    ("linear", dict(hidden_size=128)),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_band_matches_triton_band(name, extra, dtype):
+    """fp16 / bf16 attention with the Gluon window band against the same with the Triton band (position tables and
+    gathers), both against float64 Hugging Face on a padded batch: the same error to within 2% (both round the same
+    products to the same dtype; only the order of the sums differs), and fp16 within 1e-2. (bf16 is ~1.5e-2 here with
+    either band: these test weights make attention sharp.)"""
+    kw = dict(batch=3, seq=300, dtype=dtype, **extra)
+    window, _ = _attention_case(name, band_kernel="window", **kw)
+    triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
+    assert abs(window - triton_band) < 0.02 * triton_band, f"{name}: {window:.3e} vs Triton band {triton_band:.3e}"
+    assert dtype != torch.float16 or window < 1e-2
+
+
+def test_window_band_compiles_for_hopper():
+    """The Gluon band kernel (and the Triton kernels beside it) compile for sm_90 on any machine: Triton's compiler
+    and ptxas ship in its wheel. The GPU test above checks the numbers."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import inspect_kernels
+    from deberta_tools import window_band
+    saved = {n: getattr(fa, n) for n in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel",
+                                          "_valid_ranges_kernel", "index_table")}
+    saved_band = (window_band._window_band_kernel, window_band.supported)
+    try:
+        for dtype, dim in ((torch.float16, 64), (torch.bfloat16, 128)):
+            calls = inspect_kernels.record_launches(2, 700, 2, dim, dtype, band="window")
+            kernels = {fn.__name__: (fn, a, kw) for fn, _, a, kw in calls}
+            assert "_window_band_kernel" in kernels and "_near_band_kernel" not in kernels
+            compiled = inspect_kernels.compile_launch(*kernels["_window_band_kernel"])
+            assert "wgmma" in compiled.asm["ptx"]
+    finally:
+        for n, v in saved.items():
+            setattr(fa, n, v)
+        window_band._window_band_kernel, window_band.supported = saved_band
 
 
 def test_wrong_span_is_caught(monkeypatch):

@@ -1,0 +1,159 @@
+"""The near band of `fused_attention` on Hopper tensor cores, from the relative embeddings directly (Gluon).
+
+`fused_attention.near_band` gathers each near tile's position terms from the [S, 2*span] tables C2P = Q.Krᵀ and
+P2C = K.Qrᵀ: one scattered load per element and term, the largest cost of a forward at 2048 tokens and at
+32 x 512 on an H100 (results/fused-attention-h100/NOTES.md). Here each tile's terms come from two small products
+instead, and the skew is done in shared memory, which Triton's own language cannot address:
+
+    c2p[i, j] = A[r, 64 - r + c]   A = Q_tile . Wcᵀ   Wc[w] = Kr[idx(i0 - j0 + 64 - w)]   (r = i - i0, c = j - j0)
+    p2c[i, j] = B[c, 64 + r - c]   B = K_tile . Wpᵀ   Wp[w] = Qr[idx(i0 - j0 - 64 + w)]
+
+A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order. Stored with a row pitch of 129
+elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
+[64, 128] buffer from column 64 on is c2p itself, and B read the same way and transposed is p2c. No position tables
+are written; the attention kernel reads the band as before. The relative index idx is the same index table
+(`fused_attention.index_table`), so the band equals the Triton one up to the order of the products' sums.
+
+Gluon kernels do not run under TRITON_INTERPRET, so CI checks this file by compiling it for sm_90
+(test_fused.py) and the GPU tests compare its band with the Triton one; `fused_attention.attention` uses it on
+GPUs with compute capability 9.x (wgmma) for 64 x 64 tiles, fp16 or bf16 and a head dimension of 64 or 128, and
+the Triton path everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+except ImportError:  # a Triton without Gluon: the Triton path is used
+    gluon = None
+
+BLOCK = 64
+HEAD_DIMS = (64, 128)
+
+
+def supported(qkv: torch.Tensor, head_dim: int, block_m: int, block_n: int) -> bool:
+    """Whether this kernel can make the band for these inputs (else the Triton path does)."""
+    if gluon is None or qkv.device.type != "cuda" or qkv.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if (block_m, block_n) != (BLOCK, BLOCK) or head_dim not in HEAD_DIMS:
+        return False
+    return torch.cuda.get_device_capability(qkv.device)[0] == 9
+
+
+if gluon is not None:
+
+    @gluon.constexpr_function
+    def _load_layout(head_dim, num_warps):
+        """16-byte vectors along the head dimension, rows across the remaining threads and the warps."""
+        across = head_dim // 8
+        return gl.BlockedLayout([1, 8], [32 // across, across], [num_warps, 1], [1, 0])
+
+    @gluon.jit
+    def _window_band_kernel(
+        QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
+        LUT, LUT_LO, LUT_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
+        S, H, H0, G, SAT_HI, SAT_LO,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """BAND[b, g, i, slot * BLOCK + c] = c2p + p2c (+ -inf for padded keys) of near tile (row block, slot), as
+        `fused_attention._near_band_kernel` writes it."""
+        WIN: gl.constexpr = 2 * BLOCK
+        dtype: gl.constexpr = QKV.dtype.element_ty
+        pid = gl.program_id(0)
+        pid_bg = gl.program_id(1)
+        b = (pid_bg // G).to(gl.int64)
+        h = H0 + pid_bg % G
+        m = pid // NB
+        slot = pid % NB
+        i0 = m * BLOCK
+        # First near key block of this row block (fused_attention._near_first) and one past the last (_near_end).
+        x = i0 - BLOCK + 1 - SAT_HI
+        blk = gl.where(x >= 0, x // BLOCK + 1, 0) + slot
+        y = i0 + BLOCK - 1 - SAT_LO
+        near_end = gl.minimum(gl.where(y > 0, (y + BLOCK - 1) // BLOCK, 0), gl.cdiv(S, BLOCK))
+        j0 = blk * BLOCK
+        first = gl.load(RANGES + 2 * b)
+        last = gl.load(RANGES + 2 * b + 1)
+        used = (i0 <= last) & (i0 + BLOCK > first) & (j0 <= last) & (j0 + BLOCK > first)
+        if used & (blk < near_end):
+            ld: gl.constexpr = _load_layout(HEAD_DIM, num_warps)
+            rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
+            wins = gl.arange(0, WIN, layout=gl.SliceLayout(1, ld))
+            dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+            qkv_b = QKV + b * stride_qkv_b
+            pos_h = POS + h * stride_pos_h
+            op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+            win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
+            mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                            instr_shape=[16, WIN, 16])
+            # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew.
+            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
+            flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            # One element per thread on the way in: rows of 129 two-byte elements start at odd addresses, and the
+            # paired stores of the MMA layout faulted there ("misaligned address" on an H100).
+            one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+            out_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
+            tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
+            zero = gl.zeros([BLOCK, WIN], gl.float32, mma_l)
+            d0 = i0 - j0
+            val = gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
+            if HAS_C2P:
+                i = i0 + rows
+                q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
+                            other=0.0)
+                idx = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
+                w = gl.load(pos_h + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
+                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
+                fence_async_shared()
+                a = warpgroup_mma(q_s, w_s.permute((1, 0)), zero, use_acc=False)
+                a_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(a.to(dtype), one_l))
+                gl.thread_barrier()
+                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
+                val += skew.load(out_l).to(gl.float32)
+            if HAS_P2C:
+                j = j0 + rows
+                k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
+                            mask=(j < S)[:, None], other=0.0)
+                idx = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
+                w = gl.load(pos_h + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
+                k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
+                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
+                fence_async_shared()
+                bm = warpgroup_mma(k_s, w_s.permute((1, 0)), zero, use_acc=False)
+                b_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(bm.to(dtype), one_l))
+                gl.thread_barrier()
+                skew = b_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1).permute((1, 0))
+                val += gl.convert_layout(skew.load(tr_l), out_l).to(gl.float32)
+            r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_l))
+            c = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, out_l))
+            key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
+            val += gl.where(key_ok, 0.0, float("-inf"))[None, :]
+            out = BAND + pid_bg.to(gl.int64) * stride_band_bg + (i0 + r)[:, None] * (NB * BLOCK) + slot * BLOCK
+            gl.store(out + c[None, :], val.to(dtype))
+
+
+def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
+              h0: int, group: int, rows: int, slots: int, saturation: tuple[int, int],
+              lut: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The near band [B * group, rows, slots * 64] of heads h0 .. h0+group-1, as `fused_attention.near_band`
+    returns it, without position tables. `supported(...)` must hold."""
+    batch, seq, _ = qkv.shape
+    band = torch.empty((batch * group, rows, slots * BLOCK), device=qkv.device, dtype=qkv.dtype)
+    table, lut_lo = lut
+    pos = positions.pos
+    grid = (triton.cdiv(seq, BLOCK) * slots, batch * group)
+    _window_band_kernel[grid](
+        qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
+        positions.c2p_term or 0, positions.p2c_term or 0,
+        table, lut_lo, table.numel(), mask, mask.stride(0), ranges, band, band.stride(0), slots,
+        seq, heads, h0, group, saturation[0], saturation[1],
+        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
+        HEAD_DIM=head_dim, BLOCK=BLOCK, num_warps=4)
+    return band
