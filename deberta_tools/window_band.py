@@ -8,8 +8,8 @@ instead, and the skew is done in shared memory, which Triton's own language cann
     c2p[i, j] = A[r, 64 - r + c]   A = Q_tile . Wcᵀ   Wc[w] = Kr[idx(i0 - j0 + 64 - w)]   (r = i - i0, c = j - j0)
     p2c[i, j] = B[c, 64 + r - c]   B = K_tile . Wpᵀ   Wp[w] = Qr[idx(i0 - j0 - 64 + w)]
 
-A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order. Stored with a row pitch of 129
-elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
+A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order (computed transposed, Wc.Q_tileᵀ).
+Stored with a row pitch of 129 elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
 [64, 128] buffer from column 64 on is c2p itself, and B read the same way and transposed is p2c. No position tables
 are written; the attention kernel reads the band as before. The relative index idx is the same index table
 (`fused_attention.index_table`), so the band equals the Triton one up to the order of the products' sums.
@@ -56,10 +56,10 @@ if gluon is not None:
     @gluon.jit
     def _window_band_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
-        LUT, LUT_LO, LUT_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
+        LUT, LUT_LO, LUT_N, DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
         S, H, H0, G, SAT_HI, SAT_LO,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-        num_warps: gl.constexpr,
+        BY_DISTANCE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """BAND[b, g, i, slot * BLOCK + c] = c2p + p2c (+ -inf for padded keys) of near tile (row block, slot), as
         `fused_attention._near_band_kernel` writes it."""
@@ -90,53 +90,84 @@ if gluon is not None:
             pos_h = POS + h * stride_pos_h
             op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
             win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
+            # The products come out transposed ([window, rows]): their register pairs then run along rows, which
+            # are 129 elements apart in the padded buffer, so the stores are single two-byte ones. (Stored the
+            # other way round, the paired stores of rows at odd addresses faulted: "misaligned address".)
             mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, WIN, 16])
-            # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew.
-            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
+                                                            instr_shape=[16, BLOCK, 16])
+            # Window-major with a pitch of WIN + 1 per row; read back unpadded from column BLOCK on: the skew.
+            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [WIN, BLOCK], [0, 1])
             flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-            # One element per thread on the way in: rows of 129 two-byte elements start at odd addresses, and the
-            # paired stores of the MMA layout faulted there ("misaligned address" on an H100).
-            one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
             out_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
             tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
-            zero = gl.zeros([BLOCK, WIN], gl.float32, mma_l)
+            zero = gl.zeros([WIN, BLOCK], gl.float32, mma_l)
             d0 = i0 - j0
-            val = gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
+            r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_l))
+            c = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, out_l))
+            # Every global load first, so that their latencies overlap.
             if HAS_C2P:
                 i = i0 + rows
                 q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
                             other=0.0)
-                idx = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
-                w = gl.load(pos_h + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
-                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
-                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
-                fence_async_shared()
-                a = warpgroup_mma(q_s, w_s.permute((1, 0)), zero, use_acc=False)
-                a_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(a.to(dtype), one_l))
-                gl.thread_barrier()
-                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
-                val += skew.load(out_l).to(gl.float32)
+                if BY_DISTANCE:  # rows by distance, C2P's in reverse: the window is a run of rows
+                    idx_c = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
+                else:
+                    idx_c = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
             if HAS_P2C:
                 j = j0 + rows
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
-                idx = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
-                w = gl.load(pos_h + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
-                k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
-                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
+                if BY_DISTANCE:
+                    idx_p = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
+                else:
+                    idx_p = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
+            key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
+            if HAS_C2P:
+                wc = gl.load(pos_h + C2P_TERM * stride_pos_t + idx_c[:, None] * stride_pos_p + dd[None, :])
+            if HAS_P2C:
+                wp = gl.load(pos_h + P2C_TERM * stride_pos_t + idx_p[:, None] * stride_pos_p + dd[None, :])
+            val = gl.where(key_ok, 0.0, float("-inf"))[None, :] + gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
+            if HAS_C2P:
+                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+                wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, wc)
                 fence_async_shared()
-                bm = warpgroup_mma(k_s, w_s.permute((1, 0)), zero, use_acc=False)
-                b_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(bm.to(dtype), one_l))
+                a_t = warpgroup_mma(wc_s, q_s.permute((1, 0)), zero, use_acc=False)  # A transposed: [w, r]
+                a_s = gl.allocate_shared_memory(dtype, [WIN, BLOCK], pad_l, a_t.to(dtype))
+                gl.thread_barrier()
+                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
+                val += skew.load(out_l).to(gl.float32)
+            if HAS_P2C:
+                k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
+                wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, wp)
+                fence_async_shared()
+                b_t = warpgroup_mma(wp_s, k_s.permute((1, 0)), zero, use_acc=False)  # B transposed: [w, c]
+                b_s = gl.allocate_shared_memory(dtype, [WIN, BLOCK], pad_l, b_t.to(dtype))
                 gl.thread_barrier()
                 skew = b_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1).permute((1, 0))
                 val += gl.convert_layout(skew.load(tr_l), out_l).to(gl.float32)
-            r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_l))
-            c = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, out_l))
-            key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
-            val += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             out = BAND + pid_bg.to(gl.int64) * stride_band_bg + (i0 + r)[:, None] * (NB * BLOCK) + slot * BLOCK
             gl.store(out + c[None, :], val.to(dtype))
+
+
+# Window rows read by distance (a copy of the projections per distance, made once per layer) instead of through the
+# index table (a dependent load per window).
+BY_DISTANCE = True
+
+
+def by_distance(positions, device) -> tuple[torch.Tensor, int]:
+    """(rows, lo): positions.pos re-laid per distance, rows[t, h, n] = pos[t, h, idx(lo + n)] (C2P's term in reverse
+    order, idx(hi - n)) for every distance from 2 blocks below the saturation bound at index 0 to 2 blocks above the
+    top one; made once per Positions and device (the projections are weights)."""
+    cache = positions.__dict__.setdefault("_by_distance", {})
+    if device not in cache:
+        hi, lo = positions.rule.saturation
+        dist = torch.arange(lo - 2 * BLOCK, hi + 2 * BLOCK + 1)
+        idx = positions.rule.index(dist).to(positions.pos.device)
+        rows = positions.pos[:, :, idx].clone()
+        if positions.c2p_term is not None:
+            rows[positions.c2p_term] = rows[positions.c2p_term].flip(1)
+        cache[device] = (rows.contiguous(), int(dist[0]))
+    return cache[device]
 
 
 def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
@@ -147,13 +178,13 @@ def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posit
     batch, seq, _ = qkv.shape
     band = torch.empty((batch * group, rows, slots * BLOCK), device=qkv.device, dtype=qkv.dtype)
     table, lut_lo = lut
-    pos = positions.pos
+    pos, dist_lo = by_distance(positions, qkv.device) if BY_DISTANCE else (positions.pos, 0)
     grid = (triton.cdiv(seq, BLOCK) * slots, batch * group)
     _window_band_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
-        table, lut_lo, table.numel(), mask, mask.stride(0), ranges, band, band.stride(0), slots,
+        table, lut_lo, table.numel(), dist_lo, pos.shape[2], mask, mask.stride(0), ranges, band, band.stride(0), slots,
         seq, heads, h0, group, saturation[0], saturation[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK=BLOCK, num_warps=4)
+        HEAD_DIM=head_dim, BLOCK=BLOCK, BY_DISTANCE=BY_DISTANCE, num_warps=4)
     return band

@@ -120,6 +120,8 @@ def variant_timing(seqs, tiles_list, batch=1):
                 "window band only": lambda: window_band.near_band(
                     qkv, mask, ranges, positions, heads, dim, 0, heads, rows_, slots, sat,
                     fa.index_table(positions.rule, qkv.device)),
+                "window band only, rows through the index table": lambda: _window_band_by_index(
+                    qkv, mask, ranges, positions, heads, dim, rows_, slots, sat),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
@@ -133,6 +135,16 @@ def variant_timing(seqs, tiles_list, batch=1):
                 rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
     print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
+
+
+def _window_band_by_index(qkv, mask, ranges, positions, heads, dim, rows, slots, sat):
+    """The window band with its window rows gathered through the index table (window_band.BY_DISTANCE off)."""
+    window_band.BY_DISTANCE = False
+    try:
+        return window_band.near_band(qkv, mask, ranges, positions, heads, dim, 0, heads, rows, slots, sat,
+                                     fa.index_table(positions.rule, qkv.device))
+    finally:
+        window_band.BY_DISTANCE = True
 
 
 def _tiles(t):
