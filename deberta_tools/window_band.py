@@ -8,8 +8,7 @@ instead, and the skew is done in shared memory, which Triton's own language cann
     c2p[i, j] = A[r, 64 - r + c]   A = Q_tile . Wcᵀ   Wc[w] = Kr[idx(i0 - j0 + 64 - w)]   (r = i - i0, c = j - j0)
     p2c[i, j] = B[c, 64 + r - c]   B = K_tile . Wpᵀ   Wp[w] = Qr[idx(i0 - j0 - 64 + w)]
 
-A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order (computed transposed, Wc.Q_tileᵀ).
-Stored with a row pitch of 129 elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
+A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order. Stored with a row pitch of 129 elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
 [64, 128] buffer from column 64 on is c2p itself, and B read the same way and transposed is p2c. No position tables
 are written; the attention kernel reads the band as before. The relative index idx is the same index table
 (`fused_attention.index_table`), so the band equals the Triton one up to the order of the products' sums.
@@ -90,58 +89,55 @@ if gluon is not None:
             pos_h = POS + h * stride_pos_h
             op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
             win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
-            # The products come out transposed ([window, rows]): their register pairs then run along rows, which
-            # are 129 elements apart in the padded buffer, so the stores are single two-byte ones. (Stored the
-            # other way round, the paired stores of rows at odd addresses faulted: "misaligned address".)
             mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, BLOCK, 16])
-            # Window-major with a pitch of WIN + 1 per row; read back unpadded from column BLOCK on: the skew.
-            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [WIN, BLOCK], [0, 1])
+                                                            instr_shape=[16, WIN, 16])
+            # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew.
+            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
             flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            # One element per thread, threads along the row, on the way in: rows of 129 two-byte elements start at
+            # odd addresses (the MMA layout's paired stores faulted there: "misaligned address"), and stores of
+            # consecutive elements meet no bank conflicts (the products computed transposed, stored straight from
+            # the MMA layout, made the band 15% slower on an H100).
+            one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
             out_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
             tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
-            zero = gl.zeros([WIN, BLOCK], gl.float32, mma_l)
+            zero = gl.zeros([BLOCK, WIN], gl.float32, mma_l)
             d0 = i0 - j0
             r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_l))
             c = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, out_l))
-            # Every global load first, so that their latencies overlap.
+            key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
+            val = gl.where(key_ok, 0.0, float("-inf"))[None, :] + gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
             if HAS_C2P:
                 i = i0 + rows
                 q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
                             other=0.0)
                 if BY_DISTANCE:  # rows by distance, C2P's in reverse: the window is a run of rows
-                    idx_c = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
+                    idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
                 else:
-                    idx_c = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
+                    idx = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
+                w = gl.load(pos_h + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
+                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
+                fence_async_shared()
+                a = warpgroup_mma(q_s, w_s.permute((1, 0)), zero, use_acc=False)
+                a_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(a.to(dtype), one_l))
+                gl.thread_barrier()
+                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
+                val += skew.load(out_l).to(gl.float32)
             if HAS_P2C:
                 j = j0 + rows
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
                 if BY_DISTANCE:
-                    idx_p = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
+                    idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
                 else:
-                    idx_p = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
-            key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
-            if HAS_C2P:
-                wc = gl.load(pos_h + C2P_TERM * stride_pos_t + idx_c[:, None] * stride_pos_p + dd[None, :])
-            if HAS_P2C:
-                wp = gl.load(pos_h + P2C_TERM * stride_pos_t + idx_p[:, None] * stride_pos_p + dd[None, :])
-            val = gl.where(key_ok, 0.0, float("-inf"))[None, :] + gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
-            if HAS_C2P:
-                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
-                wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, wc)
-                fence_async_shared()
-                a_t = warpgroup_mma(wc_s, q_s.permute((1, 0)), zero, use_acc=False)  # A transposed: [w, r]
-                a_s = gl.allocate_shared_memory(dtype, [WIN, BLOCK], pad_l, a_t.to(dtype))
-                gl.thread_barrier()
-                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
-                val += skew.load(out_l).to(gl.float32)
-            if HAS_P2C:
+                    idx = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
+                w = gl.load(pos_h + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
                 k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
-                wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, wp)
+                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
                 fence_async_shared()
-                b_t = warpgroup_mma(wp_s, k_s.permute((1, 0)), zero, use_acc=False)  # B transposed: [w, c]
-                b_s = gl.allocate_shared_memory(dtype, [WIN, BLOCK], pad_l, b_t.to(dtype))
+                bm = warpgroup_mma(k_s, w_s.permute((1, 0)), zero, use_acc=False)
+                b_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(bm.to(dtype), one_l))
                 gl.thread_barrier()
                 skew = b_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1).permute((1, 0))
                 val += gl.convert_layout(skew.load(tr_l), out_l).to(gl.float32)
