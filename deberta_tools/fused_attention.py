@@ -164,13 +164,13 @@ def _position_tables_kernel(
     TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
     S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_TABLE: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
     and rows past S, so the attention kernel needs no key mask. Each term also writes its columns TOP and 0 as
     contiguous float32 rows, what saturated tiles read: EDGES[b, g, 0 / 1, r] for P2C (per key), EDGES[b, g, 2 / 3,
-    r] for C2P (per query). Without WRITE_TABLE only those. Rows past the last block of KEY_BLOCK keys (at least the
+    r] for C2P (per query). Rows past the last block of KEY_BLOCK keys (at least the
     attention kernel's key block) holding a valid token are never read: skipped."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -196,7 +196,7 @@ def _position_tables_kernel(
     bias = tl.where(is_p2c & padded, float("-inf"), 0.0)
     row_base = TAB + term.to(tl.int64) * stride_tab_t + (pid_bg.to(tl.int64) * ROWS + rows) * P
     pos_base = POS + term * stride_pos_t + h * stride_pos_h
-    for p0 in range(0, tl.where(live & WRITE_TABLE, P, 0), BLOCK_P):
+    for p0 in range(0, tl.where(live, P, 0), BLOCK_P):
         pp = p0 + tl.arange(0, BLOCK_P)
         if EVEN_P:
             r = tl.load(pos_base + pp[:, None] * stride_pos_p + dd[None, :], mask=d_ok[None, :], other=0.0)
@@ -506,20 +506,18 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, po
 
 
 def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
-                    positions: Positions, h0: int = 0, group: int | None = None,
-                    write_table: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                    positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
     P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
     [B, group, 4, rows] float32 (P2C at the top index and at index 0, then C2P at both); ranges from
-    `valid_ranges(mask)`. Without write_table only the edges (tables None): what the window band needs."""
+    `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
     pos = positions.pos
     terms, _, width, _ = pos.shape
     rows = _table_rows(seq)
     edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
-    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype) if write_table \
-        else None
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
     columns = [0] * terms
     if positions.p2c_term is not None:
         columns[positions.p2c_term] = heads * head_dim
@@ -529,12 +527,12 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
         qkv, qkv.stride(0), qkv.stride(1), columns[0], columns[-1],
         pos, pos.stride(0), pos.stride(1), pos.stride(2),
         mask, mask.stride(0), ranges,
-        qkv if tab is None else tab, 0 if tab is None else tab.stride(0), edges, edges.stride(0), edges.stride(1),
+        tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
         seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
         EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
-        WRITE_TABLE=write_table, num_warps=1 if INTERPRET else 4)
+        num_warps=1 if INTERPRET else 4)
     return tab, edges
 
 
@@ -598,14 +596,13 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             sat = saturation or positions.rule.saturation
-            tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g,
-                                         write_table=kind == "triton")
-            rows = edges.shape[3]
-            if kind == "window":
+            rows = _table_rows(seq)
+            if kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
-                band = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows, slots, sat,
-                                             index_table(positions.rule, qkv.device))
+                band, edges = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
+                                                    slots, sat)
             else:
+                tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
                 band = near_band(tab, mask, ranges, positions, tiles, g, sat)
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat

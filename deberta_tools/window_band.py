@@ -55,13 +55,15 @@ if gluon is not None:
     @gluon.jit
     def _window_band_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
-        LUT, LUT_LO, LUT_N, DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
-        S, H, H0, G, SAT_HI, SAT_LO,
+        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
+        EDGES, stride_edge_b, stride_edge_h, ROWS, S, H, H0, G, SAT_HI, SAT_LO,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-        BY_DISTANCE: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """BAND[b, g, i, slot * BLOCK + c] = c2p + p2c (+ -inf for padded keys) of near tile (row block, slot), as
-        `fused_attention._near_band_kernel` writes it."""
+        `fused_attention._near_band_kernel` writes it. POS holds the projections by distance (`by_distance`). The
+        diagonal tile's program also writes the saturated tiles' vectors of its rows and keys, as
+        `fused_attention.position_tables` writes EDGES: P2C at the top index and at 0 (+ key mask), C2P at both."""
         WIN: gl.constexpr = 2 * BLOCK
         dtype: gl.constexpr = QKV.dtype.element_ty
         pid = gl.program_id(0)
@@ -111,11 +113,16 @@ if gluon is not None:
                 i = i0 + rows
                 q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
                             other=0.0)
-                if BY_DISTANCE:  # rows by distance, C2P's in reverse: the window is a run of rows
-                    idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
-                else:
-                    idx = gl.load(LUT + gl.minimum(gl.maximum(d0 + BLOCK - wins - LUT_LO, 0), LUT_N - 1))
+                # Rows by distance, C2P's in reverse: the window is a run of rows.
+                idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
                 w = gl.load(pos_h + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
+                if blk == m:  # C2P at the top index (reversed row 0) and at index 0 (the last row), per query
+                    edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h + i
+                    qf = q.to(gl.float32)
+                    r_top = gl.load(pos_h + C2P_TERM * stride_pos_t + dd).to(gl.float32)
+                    r_zero = gl.load(pos_h + C2P_TERM * stride_pos_t + (DIST_N - 1) * stride_pos_p + dd).to(gl.float32)
+                    gl.store(edge + 2 * ROWS, gl.sum(qf * r_top[None, :], axis=1))
+                    gl.store(edge + 3 * ROWS, gl.sum(qf * r_zero[None, :], axis=1))
                 q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
                 w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
                 fence_async_shared()
@@ -128,11 +135,17 @@ if gluon is not None:
                 j = j0 + rows
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
-                if BY_DISTANCE:
-                    idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
-                else:
-                    idx = gl.load(LUT + gl.minimum(gl.maximum(d0 - BLOCK + wins - LUT_LO, 0), LUT_N - 1))
+                idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
                 w = gl.load(pos_h + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
+                if blk == m:  # P2C at the top index (the last row) and at index 0, per key, with the key mask
+                    padded = gl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) == 0
+                    bias = gl.where(padded, float("-inf"), 0.0)
+                    edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h + j
+                    kf = k.to(gl.float32)
+                    r_top = gl.load(pos_h + P2C_TERM * stride_pos_t + (DIST_N - 1) * stride_pos_p + dd).to(gl.float32)
+                    r_zero = gl.load(pos_h + P2C_TERM * stride_pos_t + dd).to(gl.float32)
+                    gl.store(edge, gl.sum(kf * r_top[None, :], axis=1) + bias)
+                    gl.store(edge + ROWS, gl.sum(kf * r_zero[None, :], axis=1) + bias)
                 k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
                 w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
                 fence_async_shared()
@@ -143,11 +156,6 @@ if gluon is not None:
                 val += gl.convert_layout(skew.load(tr_l), out_l).to(gl.float32)
             out = BAND + pid_bg.to(gl.int64) * stride_band_bg + (i0 + r)[:, None] * (NB * BLOCK) + slot * BLOCK
             gl.store(out + c[None, :], val.to(dtype))
-
-
-# Window rows read by distance (a copy of the projections per distance, made once per layer) instead of through the
-# index table (a dependent load per window).
-BY_DISTANCE = True
 
 
 def by_distance(positions, device) -> tuple[torch.Tensor, int]:
@@ -167,20 +175,20 @@ def by_distance(positions, device) -> tuple[torch.Tensor, int]:
 
 
 def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
-              h0: int, group: int, rows: int, slots: int, saturation: tuple[int, int],
-              lut: tuple[torch.Tensor, int]) -> torch.Tensor:
-    """The near band [B * group, rows, slots * 64] of heads h0 .. h0+group-1, as `fused_attention.near_band`
-    returns it, without position tables. `supported(...)` must hold."""
+              h0: int, group: int, rows: int, slots: int, saturation: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band, edges) of heads h0 .. h0+group-1 without position tables: the near band [B * group, rows, slots * 64]
+    as `fused_attention.near_band` returns it, and the saturated tiles' vectors [B, group, 4, rows] float32 as
+    `fused_attention.position_tables` returns them. `supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     band = torch.empty((batch * group, rows, slots * BLOCK), device=qkv.device, dtype=qkv.dtype)
-    table, lut_lo = lut
-    pos, dist_lo = by_distance(positions, qkv.device) if BY_DISTANCE else (positions.pos, 0)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    pos, dist_lo = by_distance(positions, qkv.device)
     grid = (triton.cdiv(seq, BLOCK) * slots, batch * group)
     _window_band_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
-        table, lut_lo, table.numel(), dist_lo, pos.shape[2], mask, mask.stride(0), ranges, band, band.stride(0), slots,
-        seq, heads, h0, group, saturation[0], saturation[1],
+        dist_lo, pos.shape[2], mask, mask.stride(0), ranges, band, band.stride(0), slots,
+        edges, edges.stride(0), edges.stride(1), rows, seq, heads, h0, group, saturation[0], saturation[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK=BLOCK, BY_DISTANCE=BY_DISTANCE, num_warps=4)
-    return band
+        HEAD_DIM=head_dim, BLOCK=BLOCK, num_warps=4)
+    return band, edges

@@ -92,7 +92,7 @@ def variant_timing(seqs, tiles_list, batch=1):
     """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
     terms (plain flash attention with a padding mask), the position tables alone and with the near band, and SDPA
     on the same shapes; the real mix and the band with either band kernel (Triton: position tables, then gathers;
-    window: the Gluon band from the relative embeddings, after the edge vectors). "all tiles far" uses the default
+    window: the Gluon band and the edge vectors from the relative embeddings, one launch). "all tiles far" uses the default
     band kernel."""
     rows = []
     heads, dim = 6, 64
@@ -115,13 +115,8 @@ def variant_timing(seqs, tiles_list, batch=1):
                     heads),
                 "real, window band": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                           band_kernel="window"),
-                "edges only": lambda: fa.position_tables(qkv, mask, ranges, heads, dim, positions,
-                                                         write_table=False),
-                "window band only": lambda: window_band.near_band(
-                    qkv, mask, ranges, positions, heads, dim, 0, heads, rows_, slots, sat,
-                    fa.index_table(positions.rule, qkv.device)),
-                "window band only, rows through the index table": lambda: _window_band_by_index(
-                    qkv, mask, ranges, positions, heads, dim, rows_, slots, sat),
+                "window band + edges only": lambda: window_band.near_band(
+                    qkv, mask, ranges, positions, heads, dim, 0, heads, rows_, slots, sat),
                 "all tiles far": lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, tiles=tiles,
                                                       saturation=(-big, big)),
                 "no position terms": lambda: fa.attention(qkv, mask, heads, dim, None, 0.07, tiles=tiles),
@@ -135,16 +130,6 @@ def variant_timing(seqs, tiles_list, batch=1):
                 rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
     print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
-
-
-def _window_band_by_index(qkv, mask, ranges, positions, heads, dim, rows, slots, sat):
-    """The window band with its window rows gathered through the index table (window_band.BY_DISTANCE off)."""
-    window_band.BY_DISTANCE = False
-    try:
-        return window_band.near_band(qkv, mask, ranges, positions, heads, dim, 0, heads, rows, slots, sat,
-                                     fa.index_table(positions.rule, qkv.device))
-    finally:
-        window_band.BY_DISTANCE = True
 
 
 def _tiles(t):

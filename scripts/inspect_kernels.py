@@ -88,12 +88,6 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     return calls
 
 
-def compile_launch(fn, args, kwargs, arch: int = 90):
-    """One recorded launch compiled ahead of time for sm_<arch> with Triton's compiler and ptxas."""
-    src, options = _source(fn, args, kwargs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 def _resource_usage(cubin: bytes) -> dict:
     """REG, STACK (spill), SHARED... from cuobjdump --dump-resource-usage (shipped with triton)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
