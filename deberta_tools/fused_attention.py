@@ -4,19 +4,21 @@ One layer's attention output
 
     out[b, i, h] = softmax_j(factor * (Q_i.K_j + Q_i.Kr[idx(i-j)] + K_j.Qr[idx(i-j)]) + mask) . V
 
-is computed in three launches per group of heads and never materialises an S x S tensor:
+is computed per group of heads in two steps and never materialises an S x S tensor:
 
-1. `position_tables`: the content-to-position and position-to-content products C2P = Q.Krᵀ and P2C = K.Qrᵀ,
-   [B, H, rows, 2*span] each (span = position_buckets, 256 for v3). Kr and Qr (the relative embeddings through the
-   layer's key/query projections) depend on weights only and are computed once per model by the caller. P2C
-   carries the key mask (-inf for padded keys), and its columns at the two saturated indices are also written as
-   contiguous per-key vectors (`edges`).
-2. `near_band`: for the key tiles near the diagonal only, c2p + p2c = C2P[i, idx(i-j)] + P2C[j, idx(i-j)]
-   gathered into the attention kernel's own (query tile, key tile) layout. The relative index idx(i-j) is Hugging
-   Face's make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule
-   when position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
+1. The position terms. On Hopper GPUs `window_band.near_band` (Gluon) makes them in one launch from Kr and Qr (the
+   relative embeddings through the layer's key/query projections; weights only, computed once per model by the
+   caller). Elsewhere, and in CI, two Triton launches:
+   `position_tables`: C2P = Q.Krᵀ and P2C = K.Qrᵀ, [B, H, rows, 2*span] each (span = position_buckets, 256 for
+   v3); P2C carries the key mask (-inf for padded keys); then
+   `near_band`: for the key tiles near the diagonal only, c2p + p2c = C2P[i, idx(i-j)] + P2C[j, idx(i-j)] gathered
+   into the attention kernel's own (query tile, key tile) layout. The relative index idx(i-j) is Hugging Face's
+   make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule when
+   position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
    between the saturation bounds (`index_table`, ~1000 entries for v3).
-3. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
+   Either way the band comes with `edges`: the terms at the two saturated indices as contiguous vectors (C2P per
+   query, P2C per key), what far tiles read.
+2. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
    Near tiles add one aligned band tile (as the accumulator of Q.Kᵀ); log buckets saturate, and once every i-j of
    a tile is beyond the saturation distance every element reads the same C2P column per row and the same P2C
    column per key, so those tiles add a row vector and a per-key vector instead. Gathering inside the softmax
@@ -27,7 +29,7 @@ Masking follows Hugging Face: a 2-D padding mask m gives key j to query i when m
 (all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original (the kernel
 writes the mean of V there). Key blocks, band tiles and table rows past a sequence's last token are skipped.
 
-Runs compiled on NVIDIA GPUs and on the CPU under TRITON_INTERPRET=1 (tests).
+The Triton kernels run compiled on NVIDIA GPUs and on the CPU under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
