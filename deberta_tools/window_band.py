@@ -53,6 +53,46 @@ if gluon is not None:
         return gl.BlockedLayout([1, 8], [32 // across, across], [num_warps, 1], [1, 0])
 
     @gluon.jit
+    def _skewed_product(x, w, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):
+        """x [BLOCK, D] times the window w [2 * BLOCK, D], skewed: out[r, c] = (x . wᵀ)[r, BLOCK - r + c], or with
+        TRANSPOSE out[r, c] = (x . wᵀ)[c, BLOCK + r - c]; float32 [BLOCK, BLOCK] in the band's store layout."""
+        WIN: gl.constexpr = 2 * BLOCK
+        dtype: gl.constexpr = x.dtype
+        x_s = gl.allocate_shared_memory(dtype, x.shape, gl.NVMMASharedLayout.get_default_for(x.shape, dtype), x)
+        w_s = gl.allocate_shared_memory(dtype, w.shape, gl.NVMMASharedLayout.get_default_for(w.shape, dtype), w)
+        fence_async_shared()
+        mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, WIN, 16])
+        prod = warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False)
+        # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew. One element per
+        # thread, threads along the row, on the way in: rows of 129 two-byte elements start at odd addresses (the
+        # MMA layout's paired stores faulted there: "misaligned address"), and stores of consecutive elements meet
+        # no bank conflicts (the products computed transposed, stored straight from the MMA layout, made the band
+        # 15% slower on an H100).
+        pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
+        one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(prod.to(dtype), one_l))
+        gl.thread_barrier()
+        skew = p_s._reinterpret(dtype, [BLOCK, WIN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])).slice(BLOCK, BLOCK, dim=1)
+        out_l: gl.constexpr = _band_layout(num_warps)
+        if TRANSPOSE:
+            tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
+            return gl.convert_layout(skew.permute((1, 0)).load(tr_l), out_l).to(gl.float32)
+        else:
+            return skew.load(out_l).to(gl.float32)
+
+    @gluon.jit
+    def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd, bias):
+        """OUT[r] = x[r] . TOP_ROW + bias and OUT[OFFSET + r] = x[r] . ZERO_ROW + bias, in float32."""
+        xf = x.to(gl.float32)
+        gl.store(OUT, gl.sum(xf * gl.load(TOP_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
+        gl.store(OUT + OFFSET, gl.sum(xf * gl.load(ZERO_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
+
+    @gluon.constexpr_function
+    def _band_layout(num_warps):
+        return gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
+
+    @gluon.jit
     def _window_band_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
@@ -65,7 +105,6 @@ if gluon is not None:
         diagonal tile's program also writes the saturated tiles' vectors of its rows and keys, as
         `fused_attention.position_tables` writes EDGES: P2C at the top index and at 0 (+ key mask), C2P at both."""
         WIN: gl.constexpr = 2 * BLOCK
-        dtype: gl.constexpr = QKV.dtype.element_ty
         pid = gl.program_id(0)
         pid_bg = gl.program_id(1)
         b = (pid_bg // G).to(gl.int64)
@@ -89,73 +128,38 @@ if gluon is not None:
             dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
             qkv_b = QKV + b * stride_qkv_b
             pos_h = POS + h * stride_pos_h
-            op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-            win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
-            mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                            instr_shape=[16, WIN, 16])
-            # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew.
-            pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
-            flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-            # One element per thread, threads along the row, on the way in: rows of 129 two-byte elements start at
-            # odd addresses (the MMA layout's paired stores faulted there: "misaligned address"), and stores of
-            # consecutive elements meet no bank conflicts (the products computed transposed, stored straight from
-            # the MMA layout, made the band 15% slower on an H100).
-            one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-            out_l: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
-            tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
-            zero = gl.zeros([BLOCK, WIN], gl.float32, mma_l)
+            out_l: gl.constexpr = _band_layout(num_warps)
             d0 = i0 - j0
             r = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, out_l))
             c = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, out_l))
             key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
             val = gl.where(key_ok, 0.0, float("-inf"))[None, :] + gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
+            edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
             if HAS_C2P:
                 i = i0 + rows
                 q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
                             other=0.0)
-                # Rows by distance, C2P's in reverse: the window is a run of rows.
+                # Rows by distance, C2P's in reverse (top index first): the window is a run of rows.
+                c2p_rows = pos_h + C2P_TERM * stride_pos_t
                 idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
-                w = gl.load(pos_h + C2P_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
-                if blk == m:  # C2P at the top index (reversed row 0) and at index 0 (the last row), per query
-                    edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h + i
-                    qf = q.to(gl.float32)
-                    r_top = gl.load(pos_h + C2P_TERM * stride_pos_t + dd).to(gl.float32)
-                    r_zero = gl.load(pos_h + C2P_TERM * stride_pos_t + (DIST_N - 1) * stride_pos_p + dd).to(gl.float32)
-                    gl.store(edge + 2 * ROWS, gl.sum(qf * r_top[None, :], axis=1))
-                    gl.store(edge + 3 * ROWS, gl.sum(qf * r_zero[None, :], axis=1))
-                q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
-                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
-                fence_async_shared()
-                a = warpgroup_mma(q_s, w_s.permute((1, 0)), zero, use_acc=False)
-                a_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(a.to(dtype), one_l))
-                gl.thread_barrier()
-                skew = a_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
-                val += skew.load(out_l).to(gl.float32)
+                w = gl.load(c2p_rows + idx[:, None] * stride_pos_p + dd[None, :])
+                if blk == m:  # C2P at the top index and at index 0, per query
+                    _edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
+                val += _skewed_product(q, w, False, BLOCK, num_warps)
             if HAS_P2C:
                 j = j0 + rows
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
+                p2c_rows = pos_h + P2C_TERM * stride_pos_t  # index 0 first
                 idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
-                w = gl.load(pos_h + P2C_TERM * stride_pos_t + idx[:, None] * stride_pos_p + dd[None, :])
-                if blk == m:  # P2C at the top index (the last row) and at index 0, per key, with the key mask
+                w = gl.load(p2c_rows + idx[:, None] * stride_pos_p + dd[None, :])
+                if blk == m:  # P2C at the top index and at index 0, per key, with the key mask
                     padded = gl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) == 0
-                    bias = gl.where(padded, float("-inf"), 0.0)
-                    edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h + j
-                    kf = k.to(gl.float32)
-                    r_top = gl.load(pos_h + P2C_TERM * stride_pos_t + (DIST_N - 1) * stride_pos_p + dd).to(gl.float32)
-                    r_zero = gl.load(pos_h + P2C_TERM * stride_pos_t + dd).to(gl.float32)
-                    gl.store(edge, gl.sum(kf * r_top[None, :], axis=1) + bias)
-                    gl.store(edge + ROWS, gl.sum(kf * r_zero[None, :], axis=1) + bias)
-                k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, k)
-                w_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l, w)
-                fence_async_shared()
-                bm = warpgroup_mma(k_s, w_s.permute((1, 0)), zero, use_acc=False)
-                b_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(bm.to(dtype), one_l))
-                gl.thread_barrier()
-                skew = b_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1).permute((1, 0))
-                val += gl.convert_layout(skew.load(tr_l), out_l).to(gl.float32)
+                    _edges(edge + j, ROWS, k, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
+                           gl.where(padded, float("-inf"), 0.0))
+                val += _skewed_product(k, w, True, BLOCK, num_warps)
             out = BAND + pid_bg.to(gl.int64) * stride_band_bg + (i0 + r)[:, None] * (NB * BLOCK) + slot * BLOCK
-            gl.store(out + c[None, :], val.to(dtype))
+            gl.store(out + c[None, :], val.to(BAND.dtype.element_ty))
 
 
 def by_distance(positions, device) -> tuple[torch.Tensor, int]:
