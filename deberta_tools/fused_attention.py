@@ -556,15 +556,15 @@ def band_kernel_for(qkv: torch.Tensor, head_dim: int, tiles: Tiles, choice: str 
     (position tables, then `near_band`). `choice` (default BAND_KERNEL) forces one; "window" where it cannot run
     is an error."""
     choice = choice or BAND_KERNEL
+    if choice not in ("auto", "window", "triton"):
+        raise ValueError(f"band kernel must be auto, window or triton, got {choice!r}")
+    if choice == "triton":
+        return choice
     can = window_band.supported(qkv, head_dim, tiles.block_m, tiles.block_n)
-    if choice == "auto":
-        return "window" if can else "triton"
     if choice == "window" and not can:
         raise ValueError("the window band needs a compute capability 9.x GPU, fp16 or bf16, 64 x 64 tiles and a "
                          f"head dimension in {window_band.HEAD_DIMS}")
-    if choice not in ("window", "triton"):
-        raise ValueError(f"band kernel must be auto, window or triton, got {choice!r}")
-    return choice
+    return "window" if can else "triton"
 
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,

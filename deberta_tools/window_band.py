@@ -8,10 +8,12 @@ instead, and the skew is done in shared memory, which Triton's own language cann
     c2p[i, j] = A[r, 64 - r + c]   A = Q_tile . Wcᵀ   Wc[w] = Kr[idx(i0 - j0 + 64 - w)]   (r = i - i0, c = j - j0)
     p2c[i, j] = B[c, 64 + r - c]   B = K_tile . Wpᵀ   Wp[w] = Qr[idx(i0 - j0 - 64 + w)]
 
-A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order. Stored with a row pitch of 129 elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
+A and B are [64, 128]: every distance a 64 x 64 tile spans, in window order. Stored with a row pitch of 129
+elements (a padded shared layout), A[r, 64 - r + c] lies at 128 r + 64 + c: the same memory read as an unpadded
 [64, 128] buffer from column 64 on is c2p itself, and B read the same way and transposed is p2c. No position tables
-are written; the attention kernel reads the band as before. The relative index idx is the same index table
-(`fused_attention.index_table`), so the band equals the Triton one up to the order of the products' sums.
+are written; the attention kernel reads the band as before. The window rows come from a copy of Kr and Qr laid out
+per distance (`by_distance`, made once per layer with Hugging Face's own index function), so the band equals the
+Triton one up to the order of the products' sums. The diagonal tile's program also writes the far tiles' vectors.
 
 Gluon kernels do not run under TRITON_INTERPRET, so CI checks this file by compiling it for sm_90
 (test_fused.py) and the GPU tests compare its band with the Triton one; `fused_attention.attention` uses it on
@@ -21,8 +23,12 @@ the Triton path everywhere else.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
+
+from . import fused_attention as fa
 
 try:
     from triton.experimental import gluon
@@ -36,12 +42,19 @@ HEAD_DIMS = (64, 128)
 
 
 def supported(qkv: torch.Tensor, head_dim: int, block_m: int, block_n: int) -> bool:
-    """Whether this kernel can make the band for these inputs (else the Triton path does)."""
+    """Whether this kernel can make the band for these inputs (else the Triton path does). Asked once per layer
+    call: the GPU's generation is looked up once per device."""
     if gluon is None or qkv.device.type != "cuda" or qkv.dtype not in (torch.float16, torch.bfloat16):
         return False
     if (block_m, block_n) != (BLOCK, BLOCK) or head_dim not in HEAD_DIMS:
         return False
-    return torch.cuda.get_device_capability(qkv.device)[0] == 9
+    return _hopper(qkv.device)
+
+
+@lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    """Compute capability 9.x: wgmma (Blackwell's 10.x has none)."""
+    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 if gluon is not None:
@@ -73,7 +86,8 @@ if gluon is not None:
         one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(prod.to(dtype), one_l))
         gl.thread_barrier()
-        skew = p_s._reinterpret(dtype, [BLOCK, WIN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])).slice(BLOCK, BLOCK, dim=1)
+        flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        skew = p_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
         out_l: gl.constexpr = _band_layout(num_warps)
         if TRANSPOSE:
             tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
@@ -112,11 +126,9 @@ if gluon is not None:
         m = pid // NB
         slot = pid % NB
         i0 = m * BLOCK
-        # First near key block of this row block (fused_attention._near_first) and one past the last (_near_end).
-        x = i0 - BLOCK + 1 - SAT_HI
-        blk = gl.where(x >= 0, x // BLOCK + 1, 0) + slot
-        y = i0 + BLOCK - 1 - SAT_LO
-        near_end = gl.minimum(gl.where(y > 0, (y + BLOCK - 1) // BLOCK, 0), gl.cdiv(S, BLOCK))
+        # The near key blocks of this row block: the Triton kernels' own arithmetic (identical code, checked in PTX).
+        blk = fa._near_first(i0, SAT_HI, BLOCK) + slot
+        near_end = fa._near_end(i0, SAT_LO, gl.cdiv(S, BLOCK), BLOCK, BLOCK)
         j0 = blk * BLOCK
         first = gl.load(RANGES + 2 * b)
         last = gl.load(RANGES + 2 * b + 1)
@@ -179,7 +191,8 @@ def by_distance(positions, device) -> tuple[torch.Tensor, int]:
 
 
 def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
-              h0: int, group: int, rows: int, slots: int, saturation: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+              h0: int, group: int, rows: int, slots: int,
+              saturation: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(band, edges) of heads h0 .. h0+group-1 without position tables: the near band [B * group, rows, slots * 64]
     as `fused_attention.near_band` returns it, and the saturated tiles' vectors [B, group, 4, rows] float32 as
     `fused_attention.position_tables` returns them. `supported(...)` must hold."""
