@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import window_band
+from . import near_attention, window_band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -338,14 +338,16 @@ def _attend_block(
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS,
-    BAND, stride_band_bg, NB,
+    BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
+    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -390,6 +392,17 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged
+        for part in range(SPLITS):
+            state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+            m_k = tl.load(ML + 2 * state + i)
+            m_new = tl.maximum(m_i, m_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            beta = tl.math.exp2(m_k - m_safe)
+            l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+            acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
+            m_i = m_new
     # Saturated tiles in two plain loops: one loop over both ends with a select per block stopped Triton from
     # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
     for blk in range(blk_first, hi_end):
@@ -402,7 +415,10 @@ def _attention_kernel(
             acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    for blk in range(hi_end, lo_start):
+    near_stop = lo_start
+    if NEAR_STATE:
+        near_stop = hi_end
+    for blk in range(hi_end, near_stop):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
@@ -547,24 +563,28 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
     return kernel_index(rule, torch.arange(lo, hi + 1, device=device)), lo
 
 
-# Which kernel makes the near band when a call does not say: "auto", "window" or "triton" (see band_kernel_for).
+# Which kernel does the near tiles' position terms when a call does not say: "auto", "window", "near" or "triton"
+# (see band_kernel_for).
 BAND_KERNEL = "auto"
 
 
 def band_kernel_for(qkv: torch.Tensor, head_dim: int, tiles: Tiles, choice: str | None = None) -> str:
-    """Which kernel makes the near band: "window" (window_band, Gluon, Hopper) where it can, else "triton"
-    (position tables, then `near_band`). `choice` (default BAND_KERNEL) forces one; "window" where it cannot run
-    is an error."""
+    """How the tiles near the diagonal get their position terms: "window" (window_band, Gluon, Hopper: the band
+    from window products) where it can, else "triton" (position tables, then `near_band`). "near" (near_attention,
+    Gluon, Hopper: the near tiles' whole softmax step with their terms made in place, then the Triton kernel from
+    its state) only when asked for: on an H100 it is 2-4% faster from 1024 tokens and at 32 x 512, 4% slower at
+    512 (results/fused-attention-h100/NOTES.md, v11). `choice` (default BAND_KERNEL) forces one; a Gluon kernel
+    where it cannot run is an error."""
     choice = choice or BAND_KERNEL
-    if choice not in ("auto", "window", "triton"):
-        raise ValueError(f"band kernel must be auto, window or triton, got {choice!r}")
+    if choice not in ("auto", "window", "near", "triton"):
+        raise ValueError(f"band kernel must be auto, window, near or triton, got {choice!r}")
     if choice == "triton":
         return choice
     can = window_band.supported(qkv, head_dim, tiles.block_m, tiles.block_n)
-    if choice == "window" and not can:
-        raise ValueError("the window band needs a compute capability 9.x GPU, fp16 or bf16, 64 x 64 tiles and a "
-                         f"head dimension in {window_band.HEAD_DIMS}")
-    return "window" if can else "triton"
+    if choice != "auto" and not can:
+        raise ValueError(f"the {choice} kernel needs a compute capability 9.x GPU, fp16 or bf16, 64 x 64 tiles and "
+                         f"a head dimension in {window_band.HEAD_DIMS}")
+    return ("window" if choice == "auto" else choice) if can else "triton"
 
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
@@ -588,18 +608,22 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         ranges = valid_ranges(mask)
     tiles = tiles or default_tiles(head_dim, qkv.dtype)
     kind = band_kernel_for(qkv, head_dim, tiles, band_kernel)
-    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
-                             tables=kind == "triton")
+    group = heads if kind == "near" else heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles,
+                                                          table_budget, tables=kind == "triton")
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
+        # placeholders for what this launch does not read
+        edges, band, state = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32), qkv, (qkv, qkv, 1)
         if positions is None:  # every key block "saturated": only the key mask is added
-            # edges are never read without position terms: a placeholder, with no kernel to fill it
-            edges, band = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32), qkv
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             sat = saturation or positions.rule.saturation
             rows = _table_rows(seq)
-            if kind == "window":  # band and edge vectors in one launch, no tables
+            if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
+                acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
+                                                           sat, factor * _LOG2E)
+                state = (acc, ml, acc.shape[1])
+            elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
                 band, edges = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
                                                     slots, sat)
@@ -613,11 +637,11 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
             band, band.stride(0) if positions is not None else 0,
-            band.shape[2] // tiles.block_n if positions is not None else 1,
+            band.shape[2] // tiles.block_n if positions is not None and kind != "near" else 1, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
-            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None,
+            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)

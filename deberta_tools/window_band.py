@@ -69,14 +69,25 @@ if gluon is not None:
     def _skewed_product(x, w, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):
         """x [BLOCK, D] times the window w [2 * BLOCK, D], skewed: out[r, c] = (x . wᵀ)[r, BLOCK - r + c], or with
         TRANSPOSE out[r, c] = (x . wᵀ)[c, BLOCK + r - c]; float32 [BLOCK, BLOCK] in the band's store layout."""
-        WIN: gl.constexpr = 2 * BLOCK
         dtype: gl.constexpr = x.dtype
         x_s = gl.allocate_shared_memory(dtype, x.shape, gl.NVMMASharedLayout.get_default_for(x.shape, dtype), x)
         w_s = gl.allocate_shared_memory(dtype, w.shape, gl.NVMMASharedLayout.get_default_for(w.shape, dtype), w)
         fence_async_shared()
+        return _skew(_window_product(x_s, w_s, BLOCK, num_warps), dtype, TRANSPOSE, BLOCK, num_warps)
+
+    @gluon.jit
+    def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr):
+        """x . wᵀ [BLOCK, 2 * BLOCK] float32 on the tensor cores, from shared memory."""
+        WIN: gl.constexpr = 2 * BLOCK
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, WIN, 16])
-        prod = warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False)
+        return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False)
+
+    @gluon.jit
+    def _skew(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):
+        """out[r, c] = prod[r, BLOCK - r + c], or with TRANSPOSE prod[c, BLOCK + r - c], through shared memory (prod
+        rounded to dtype on the way); float32 [BLOCK, BLOCK] in the band's store layout."""
+        WIN: gl.constexpr = 2 * BLOCK
         # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew. One element per
         # thread, threads along the row, on the way in: rows of 129 two-byte elements start at odd addresses (the
         # MMA layout's paired stores faulted there: "misaligned address"), and stores of consecutive elements meet
@@ -84,6 +95,7 @@ if gluon is not None:
         # 15% slower on an H100).
         pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
         one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        gl.thread_barrier()  # earlier readers of a buffer the compiler may give this one's place
         p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(prod.to(dtype), one_l))
         gl.thread_barrier()
         flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])

@@ -6,7 +6,7 @@ recorded launch ahead of time with Triton's own compiler and ptxas (both ship in
 architecture. Per kernel: registers, spills, shared memory, and the global loads by vector width in the PTX, so a
 change that stops a table read from vectorising shows up without a GPU.
 
-    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window] [--dump DIR]
+    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
 """
 
 import argparse
@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import fused_attention as fa, report, window_band  # noqa: E402
+from deberta_tools import fused_attention as fa, near_attention, report, window_band  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -73,12 +73,14 @@ def _source(fn, args, kwargs):
 def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, band: str = "triton",
                     tiles: "fa.Tiles | None" = None) -> list:
     """Run `fused_attention.attention` on CPU tensors with every kernel launch recorded instead of run (the
-    demo config's position rule); band "window" takes the Gluon band as if on a Hopper GPU."""
+    demo config's position rule); band "window" or "near" takes that Gluon kernel as if on a Hopper GPU."""
     calls = []
     for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
-    window_band.supported = lambda *args: band == "window"
+    near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
+    window_band.supported = lambda *args: band in ("window", "near")
+    near_attention._multiprocessors = lambda device: 132  # an H100 SXM's
     fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
                                            .to(torch.int32), rule.saturation[1])
     rule = fa.PositionRule(256, 256, 512)
@@ -110,8 +112,9 @@ def main():
     parser.add_argument("--block-n", type=int)
     parser.add_argument("--num-warps", type=int)
     parser.add_argument("--num-stages", type=int)
-    parser.add_argument("--band", choices=["triton", "window"], default="triton",
-                        help="near band kernel: Triton (position tables + gathers) or the Gluon window band")
+    parser.add_argument("--band", choices=["triton", "window", "near"], default="triton",
+                        help="near tiles: Triton (position tables + gathers), the Gluon window band, or the Gluon "
+                             "near attention")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 

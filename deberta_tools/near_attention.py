@@ -1,0 +1,239 @@
+"""The attention of the tiles near the diagonal, with their position terms made in place (Gluon, Hopper).
+
+`window_band` writes every near tile's position terms to a band in memory that `fused_attention`'s attention kernel
+reads back: at 32 x 512 tokens of the demo config that round trip, and the Q and K tiles both kernels load, are most
+of a layer's attention time on an H100 (results/fused-attention-h100/NOTES.md). Here one program per query block
+walks its near key blocks and does the whole online-softmax step for each:
+
+    s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
+                                                         memory exactly as window_band makes them
+    acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
+
+and writes its softmax state (acc, running max, running sum) instead of an output: the Triton attention kernel
+starts from that state and adds the saturated tiles (`fused_attention._attention_kernel`, NEAR_STATE). The state is
+[rows, D] float32 per head: 12 MiB at 8192 tokens for the demo config, where the band was 107 MiB. The program of
+each query block also writes the saturated tiles' vectors of its rows and keys, as window_band does.
+
+Gluon does not run under TRITON_INTERPRET: CI compiles this kernel for sm_90 (test_fused.py) and the GPU tests
+compare the result with the Triton path.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+
+from . import fused_attention as fa
+from . import window_band as wb
+
+if wb.gluon is not None:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+    @gluon.jit
+    def _skew_transposed(prod, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
+        """out[r, c] = prod[c, BLOCK + r - c] in out_l, through shared memory: prod stored straight from its MMA
+        layout with a row pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), read with a
+        pitch of 2 * BLOCK + 1 (view row c, column BLOCK + r is prod[c, BLOCK + r - c]); the read goes down columns,
+        one element at a time, so the odd pitch is no misaligned access."""
+        WIN: gl.constexpr = 2 * BLOCK
+        st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
+        rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
+        gl.thread_barrier()
+        p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], st_l, prod.to(dtype))
+        gl.thread_barrier()
+        view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
+        return view.permute((1, 0)).load(out_l).to(gl.float32)
+
+    @gluon.jit
+    def _copy_tile(dst, base, r, stride_r, col, dd, S):
+        """dst[n, :] = base[r[n], col:col + D] for r[n] < S, else zeros (asynchronous)."""
+        async_copy.async_copy_global_to_shared(dst, base + r[:, None] * stride_r + col + dd[None, :],
+                                               mask=(r < S)[:, None])
+
+    @gluon.jit
+    def _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_p, d0, DIST_LO, DIST_N, wins, dd,
+                      HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, BLOCK: gl.constexpr):
+        """The [2 * BLOCK, D] windows of position rows of the tile at distance d0 = i0 - j0 (asynchronous)."""
+        WIN: gl.constexpr = 2 * BLOCK
+        if HAS_C2P:
+            idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
+            async_copy.async_copy_global_to_shared(wc_s, c2p_rows + idx[:, None] * stride_p + dd[None, :])
+        if HAS_P2C:
+            idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
+            async_copy.async_copy_global_to_shared(wp_s, p2c_rows + idx[:, None] * stride_p + dd[None, :])
+
+    @gluon.jit
+    def _near_attention_kernel(
+        QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
+        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
+        S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
+        units, scale included) and running sum of query i over part `part` of its near key blocks (those
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them."""
+        WIN: gl.constexpr = 2 * BLOCK
+        m = gl.program_id(0) // SPLITS
+        part = gl.program_id(0) % SPLITS
+        pid_bg = gl.program_id(1)
+        b = (pid_bg // G).to(gl.int64)
+        h = H0 + pid_bg % G
+        i0 = m * BLOCK
+        dtype: gl.constexpr = QKV.dtype.element_ty
+        ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
+        rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
+        wins = gl.arange(0, WIN, layout=gl.SliceLayout(1, ld))
+        dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+        qkv_b = QKV + b * stride_qkv_b
+        mask_b = MASK + b * stride_mask_b
+        pos_h = POS + h * stride_pos_h
+        c2p_rows = pos_h + C2P_TERM * stride_pos_t  # by distance, top index first
+        p2c_rows = pos_h + P2C_TERM * stride_pos_t  # by distance, index 0 first
+        i = i0 + rows
+        q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None], other=0.0)
+
+        # The near key blocks the attention kernel would visit: its own arithmetic.
+        first = gl.load(RANGES + 2 * b)
+        last = gl.load(RANGES + 2 * b + 1)
+        qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
+        blk_first = first // BLOCK
+        blk_end = gl.where(gl.max(qvalid.to(gl.int32), 0) > 0, last // BLOCK + 1, blk_first)
+        hi_end = gl.minimum(gl.maximum(fa._near_first(i0, SAT_HI, BLOCK), blk_first), blk_end)
+        lo_start = gl.minimum(gl.maximum(fa._near_end(i0, SAT_LO, gl.cdiv(S, BLOCK), BLOCK, BLOCK), hi_end), blk_end)
+        # This program's share of them: SPLITS programs per query block when there are too few query blocks to fill
+        # the GPU.
+        per = (lo_start - hi_end + SPLITS - 1) // SPLITS
+        start = gl.minimum(hi_end + part * per, lo_start)
+        stop = gl.minimum(start + per, lo_start)
+
+        # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
+        # a token between the first and last valid ones, so every key block another program reads is covered.
+        if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
+            edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
+            if HAS_C2P:
+                wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
+            if HAS_P2C:
+                k_d = gl.load(qkv_b + i[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
+                              mask=(i < S)[:, None], other=0.0)
+                padded = gl.load(mask_b + i, mask=i < S, other=0) == 0
+                wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
+                          gl.where(padded, float("-inf"), 0.0))
+
+        op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
+        win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+        k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
+        v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
+        wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
+        wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK, 16])
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l))
+        m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
+        l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
+        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
+        k_col = (H + h) * HEAD_DIM
+        v_col = (2 * H + h) * HEAD_DIM
+        # Copies straight to shared memory (cp.async), a block ahead: the next block's K and windows are issued as
+        # soon as this block's products have read them, its V once P.V has, and land while this block's skews and
+        # softmax run.
+        if start < stop:
+            _copy_tile(k_s, qkv_b, start * BLOCK + rows, stride_qkv_s, k_col, dd, S)
+            _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N, wins, dd,
+                          HAS_C2P, HAS_P2C, BLOCK)
+            _copy_tile(v_s, qkv_b, start * BLOCK + rows, stride_qkv_s, v_col, dd, S)
+            async_copy.commit_group()
+        for blk in range(start, stop):
+            j0 = blk * BLOCK
+            key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
+            more = blk + 1 < stop
+            async_copy.wait_group(0)
+            fence_async_shared()
+            gl.thread_barrier()
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
+            if HAS_C2P:
+                prod = wb._window_product(q_s, wc_s, BLOCK, num_warps)
+                s += gl.convert_layout(wb._skew(prod, dtype, False, BLOCK, num_warps), s_l)
+            if HAS_P2C:
+                prod = wb._window_product(k_s, wp_s, BLOCK, num_warps)
+            gl.thread_barrier()  # every warp is done with k_s and the windows
+            if more:
+                _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
+                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N, wins,
+                              dd, HAS_C2P, HAS_P2C, BLOCK)
+                async_copy.commit_group()
+            if HAS_P2C:
+                s += _skew_transposed(prod, dtype, BLOCK, s_l)
+            s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
+            # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(s * qk_scale - m_safe[:, None])
+            alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s, acc)
+            gl.thread_barrier()  # every warp is done with v_s
+            if more:
+                _copy_tile(v_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, v_col, dd, S)
+                async_copy.commit_group()
+
+        r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
+        d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+        base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
+        gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
+        r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
+        gl.store(ML + 2 * base + r_s, m_i)
+        gl.store(ML + 2 * base + ROWS + r_s, l_i)
+
+
+@lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Programs per multiprocessor the near kernel aims for when a launch has few query blocks (see splits_for).
+PROGRAMS_PER_SM = 4
+
+
+def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int) -> int:
+    """How many programs share one query block's near key blocks: enough for PROGRAMS_PER_SM programs per
+    multiprocessor when `query_blocks` x `programs` (batch x heads) alone are fewer, at most one per near block."""
+    want = PROGRAMS_PER_SM * _multiprocessors(device)
+    return max(1, min(slots, -(-want // (query_blocks * programs))))
+
+
+def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
+               h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
+               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
+    (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
+    as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
+    batch, seq, _ = qkv.shape
+    blocks = triton.cdiv(seq, wb.BLOCK)
+    if splits is None:
+        splits = splits_for(qkv.device, blocks, batch * group,
+                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
+    acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
+    ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    pos, dist_lo = wb.by_distance(positions, qkv.device)
+    _near_attention_kernel[(blocks * splits, batch * group)](
+        qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
+        positions.c2p_term or 0, positions.p2c_term or 0,
+        dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
+        edges, edges.stride(0), edges.stride(1), rows, seq, heads, h0, group, saturation[0], saturation[1], qk_scale,
+        splits, HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4)
+    return acc, ml, edges
