@@ -8,8 +8,7 @@ convolution layer stay Hugging Face's own modules. Per layer the encoder runs:
                                           Hopper, else position tables and gathers; Kr, Qr precomputed once per
                                           model), then the flash-style kernel; never an S x S tensor
     h     = LayerNorm(ctx . Woᵀ + bo + x) GEMM, then one fused add + LayerNorm kernel
-    x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)   the exact GELU in the first GEMM's epilogue
-                                                         (fused_linear), other activations after cuBLAS
+    x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)
 
 `GraphRunner` captures the whole model call in a CUDA graph per input shape, for batch-1 latency. Hidden states of
 every layer come back only when `config.output_hidden_states` is set (passing output_hidden_states=True to a call
@@ -26,7 +25,6 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from . import fused_attention as fa
-from . import fused_linear
 from .errors import UserError
 
 
@@ -58,11 +56,6 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) 
     return y.view(x.shape)
 
 
-# The exact GELU in the intermediate GEMM's epilogue (fused_linear) where the model uses it; False: cuBLAS then the
-# activation module (for comparisons).
-GELU_EPILOGUE = True
-
-
 class _Layer:
     """Weights of one layer in the layout the fused path reads (views of the originals where possible)."""
 
@@ -75,7 +68,6 @@ class _Layer:
         self.factor = fa.softmax_factor(self.head_dim, att.pos_att_type)
         self.out_dense, self.out_norm = layer.attention.output.dense, layer.attention.output.LayerNorm
         self.inter_dense, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
-        self.gelu_epilogue = fused_linear.fusable(self.act)
         self.ffn_dense, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
         self.positions: fa.Positions | None = None
         if rule is None or not terms:
@@ -101,11 +93,7 @@ class _Layer:
         qkv = torch.nn.functional.linear(x, self.w_qkv, self.b_qkv)
         ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
-        if self.gelu_epilogue and GELU_EPILOGUE:
-            inter = fused_linear.linear_gelu(h, self.inter_dense)
-        else:
-            inter = self.act(self.inter_dense(h))
-        return add_layer_norm(self.ffn_dense(inter), h, self.ffn_norm)
+        return add_layer_norm(self.ffn_dense(self.act(self.inter_dense(h))), h, self.ffn_norm)
 
 
 class FusedEncoder(nn.Module):

@@ -6,13 +6,11 @@
    and v3-xsmall/base/large-shaped random configs: relative L2 on the real tokens, NaN check.
 3. The attention kernel (real mix of tiles, all far, no position terms, tables alone) against PyTorch SDPA (flash)
    on the same Q/K/V shapes, for one or several tile choices.
-4. (--gemm) The intermediate GEMM with the GELU in its epilogue (fused_linear) against cuBLAS + GELU, per tile
-   choice, and the whole model with and without it.
-5. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
+4. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
    and where the memory goes at 8192 tokens.
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
-                                      [--band auto|near|window|triton] [--compare-bands] [--gemm] [--near-sweep]
+                                      [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
 """
 
 import argparse
@@ -25,7 +23,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import export, fused_attention as fa, fused_linear, fused_model, near_attention, report  # noqa: E402
+from deberta_tools import export, fused_attention as fa, fused_model, near_attention, report  # noqa: E402
 from deberta_tools import window_band  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
@@ -137,45 +135,6 @@ def variant_timing(seqs, tiles_list, batch=1):
                 rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
     print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
-
-
-GEMM_SWEEP = [fused_linear.GemmTiles(*t) for t in [(64, 128, 64, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
-                                                   (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                                   (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]]
-
-
-def gemm_timing(tokens, shapes):
-    """gelu(x . W1ᵀ + b1) per call: cuBLAS (F.linear, bias in its epilogue) alone and followed by the GELU, then
-    fused_linear with its default tiles and each tile choice of GEMM_SWEEP; relative L2 of the default against
-    float32 torch."""
-    rows = []
-    for hidden, inter in shapes:
-        linear = torch.nn.Linear(hidden, inter).cuda().half()
-        act = torch.nn.GELU()
-        for m in tokens:
-            x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-            with torch.no_grad():
-                ref = act(torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()))
-                err = (fused_linear.linear_gelu(x, linear).float() - ref).norm() / ref.norm()
-                cublas = _graph_us(lambda: linear(x))
-                both = _graph_us(lambda: act(linear(x)))
-                times = {"default": _graph_us(lambda: fused_linear.linear_gelu(x, linear))}
-                for t in GEMM_SWEEP:
-                    try:
-                        times[_gemm_tiles(t)] = _graph_us(lambda: fused_linear.linear_gelu(x, linear, t))
-                    except Exception as e:  # resource limits of a tile choice
-                        times[_gemm_tiles(t)] = float("nan")
-                        print(f"{_gemm_tiles(t)} failed at {m} x {hidden} x {inter}: {type(e).__name__}")
-            best = min((v, k) for k, v in times.items() if v == v)
-            rows.append([f"{m} x {hidden} -> {inter}", f"{cublas:.1f}", f"{both:.1f}", f"{times['default']:.1f}",
-                         f"{best[0]:.1f} ({best[1]})", f"{err:.1e}"])
-    print("gelu(x . W1ᵀ + b1), fp16, us per call (10 launches per CUDA graph replay):")
-    print(report.table(["tokens x hidden -> intermediate", "cuBLAS linear", "cuBLAS + GELU", "fused, default tiles",
-                        "fused, best tiles", "rel L2 vs fp32"], rows))
-
-
-def _gemm_tiles(t):
-    return f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
 
 
 def _tiles(t):
@@ -313,8 +272,6 @@ def main():
                         help="near band kernel for the model checks, end to end and profiles")
     parser.add_argument("--compare-bands", action="store_true",
                         help="kernel variants (batch 1 and 32) and end to end with each band kernel, then stop")
-    parser.add_argument("--gemm", action="store_true",
-                        help="the GELU epilogue: GEMM timings, whole models, end to end with and without, profile")
     parser.add_argument("--near-sweep", action="store_true",
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     args = parser.parse_args()
@@ -334,16 +291,6 @@ def main():
             near_attention.PROGRAMS_PER_SM = per_sm
             end_to_end([512, 1024, 2048, 8192], [1], label=f"near, {per_sm} programs per SM")
             end_to_end([512], [32], label=f"near, {per_sm} programs per SM")
-        return
-    if args.gemm:
-        gemm_timing([512, 2048, 8192, 16384], [(384, 1536), (768, 3072), (1024, 4096)])
-        model_check(["seed", "v3-xsmall", "v3-base", "v3-large"], [512], batch=4)
-        for on in (False, True):
-            fused_model.GELU_EPILOGUE = on
-            label = "GELU epilogue" if on else "cuBLAS + GELU"
-            end_to_end([512, 2048, 8192], [1], label=label)
-            end_to_end([512], [32], label=label)
-        profile(512, 32)
         return
     if args.graph_memory:
         graph_memory(8192, [64 << 20, 96 << 20, 128 << 20, 1 << 40])
