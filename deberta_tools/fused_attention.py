@@ -16,6 +16,8 @@ is computed per group of heads in two steps and never materialises an S x S tens
    make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule when
    position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
    between the saturation bounds (`index_table`, ~1000 entries for v3).
+   Opt-in on Hopper, `near_attention.near_state` does the near tiles' softmax step itself (no band) and the
+   attention kernel starts from its state (NEAR_STATE).
    Either way the band comes with `edges`: the terms at the two saturated indices as contiguous vectors (C2P per
    query, P2C per key), what far tiles read.
 2. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).

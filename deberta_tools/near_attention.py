@@ -6,13 +6,18 @@ of a layer's attention time on an H100 (results/fused-attention-h100/NOTES.md). 
 walks its near key blocks and does the whole online-softmax step for each:
 
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
-                                                         memory exactly as window_band makes them
+                                                         memory (c2p's as window_band makes it, p2c's stored
+                                                         and read in the MMA layouts, `_skew_transposed`)
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
 
-and writes its softmax state (acc, running max, running sum) instead of an output: the Triton attention kernel
+K, V and the position windows are copied to shared memory a block ahead (cp.async); when query blocks are too few
+to fill the GPU, several programs share one query block's near blocks (`splits_for`). Each program writes its
+softmax state (acc, running max, running sum) instead of an output: the Triton attention kernel
 starts from that state and adds the saturated tiles (`fused_attention._attention_kernel`, NEAR_STATE). The state is
-[rows, D] float32 per head: 12 MiB at 8192 tokens for the demo config, where the band was 107 MiB. The program of
-each query block also writes the saturated tiles' vectors of its rows and keys, as window_band does.
+[rows, D] float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the band was 107 MiB. The
+first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
+does. Opt-in (`fused_attention.band_kernel_for`): on an H100 it is 2-4% faster than the window band from 1024
+tokens and at 32 x 512, 4% slower at 512 (results/fused-attention-h100/NOTES.md, v11).
 
 Gluon does not run under TRITON_INTERPRET: CI compiles this kernel for sm_90 (test_fused.py) and the GPU tests
 compare the result with the Triton path.

@@ -171,8 +171,8 @@ def test_near_attention_on_mostly_padded_sequences():
 
 
 def test_gluon_kernels_compile_for_hopper():
-    """The Gluon kernels (and the Triton kernels beside it) compile for sm_90 on any machine: Triton's compiler
-    and ptxas ship in its wheel (scripts/inspect_kernels.py, run without TRITON_INTERPRET). The GPU test above checks
+    """The Gluon kernels (and the Triton kernels beside them) compile for sm_90 on any machine: Triton's compiler
+    and ptxas ship in its wheel (scripts/inspect_kernels.py, run without TRITON_INTERPRET). The GPU tests above check
     the numbers."""
     import os
     import subprocess
