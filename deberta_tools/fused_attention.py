@@ -246,6 +246,19 @@ def _near_end(i0, SAT_LO, N_BLOCKS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _key_blocks(i0, any_query, first, last, S, SAT_HI, SAT_LO, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(blk_first, hi_end, lo_start, blk_end): the key blocks query block i0 visits, [blk_first, blk_end) (none when
+    it has no valid query), in three runs: saturated at the top index [blk_first, hi_end), near the diagonal
+    [hi_end, lo_start), saturated at index 0 [lo_start, blk_end). Shared with near_attention's Gluon kernel, which
+    must visit exactly the near run."""
+    blk_first = first // BLOCK_N
+    blk_end = tl.where(any_query, last // BLOCK_N + 1, blk_first)
+    hi_end = tl.minimum(tl.maximum(_near_first(i0, SAT_HI, BLOCK_N), blk_first), blk_end)
+    lo_start = tl.minimum(tl.maximum(_near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N), hi_end), blk_end)
+    return blk_first, hi_end, lo_start, blk_end
+
+
+@triton.jit
 def _near_band_kernel(
     TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     LUT, LUT_LO, LUT_N,
@@ -373,13 +386,11 @@ def _attention_kernel(
     # Keys before the first and after the last valid one never get a weight: skip their blocks.
     first = tl.load(RANGES + 2 * b)
     last = tl.load(RANGES + 2 * b + 1)
-    blk_first = first // BLOCK_N
-    blk_end = tl.where(tl.max(qvalid.to(tl.int32), 0) > 0, last // BLOCK_N + 1, blk_first)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
+    blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
+                                                       SAT_HI, SAT_LO, BLOCK_M, BLOCK_N)
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
-    hi_end = tl.minimum(tl.maximum(near_first, blk_first), blk_end)
-    lo_start = tl.minimum(tl.maximum(_near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N), hi_end), blk_end)
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
@@ -473,16 +484,17 @@ TABLE_BUDGET = 128 << 20
 
 
 def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, heads: int, itemsize: int,
-                     tiles: Tiles, budget: int | None = None, tables: bool = True) -> int:
-    """How many heads one launch takes so that its tables (when the Triton band needs them) and near band stay under
-    the budget, in launches of equal size (6 heads under a budget of 5 run as 3 + 3, not 5 + 1 with a near-empty
-    second launch)."""
+                     tiles: Tiles, budget: int | None = None, tables: bool = True, band: bool = True) -> int:
+    """How many heads one launch takes so that what it keeps in memory per head, its tables (the Triton band) and
+    its near band (not with the near attention, whose softmax state is [rows, D] float32), stays under the budget,
+    in launches of equal size (6 heads under a budget of 5 run as 3 + 3, not 5 + 1 with a near-empty second
+    launch)."""
     budget = budget or TABLE_BUDGET
-    if positions is None:
+    if positions is None or not (tables or band):
         return heads
     terms, _, width, _ = positions.pos.shape
-    band = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
-    per_head = batch * _table_rows(seq_len) * (width * terms * tables + band) * itemsize
+    band_width = near_slots(positions.rule.saturation, seq_len, tiles.block_m, tiles.block_n) * tiles.block_n
+    per_head = batch * _table_rows(seq_len) * (width * terms * tables + band_width * band) * itemsize
     most = max(1, min(heads, budget // per_head))
     return triton.cdiv(heads, triton.cdiv(heads, most))
 
@@ -610,13 +622,14 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         ranges = valid_ranges(mask)
     tiles = tiles or default_tiles(head_dim, qkv.dtype)
     kind = band_kernel_for(qkv, head_dim, tiles, band_kernel)
-    group = heads if kind == "near" else heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles,
-                                                          table_budget, tables=kind == "triton")
+    group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
+                             tables=kind == "triton", band=kind != "near")
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
-        # placeholders for what this launch does not read
-        edges, band, state = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32), qkv, (qkv, qkv, 1)
+        band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
         if positions is None:  # every key block "saturated": only the key mask is added
+            # edges are never read without position terms: a placeholder, with no kernel to fill it
+            edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             sat = saturation or positions.rule.saturation
@@ -632,14 +645,14 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             else:
                 tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
                 band = near_band(tab, mask, ranges, positions, tiles, g, sat)
+                slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
-            band, band.stride(0) if positions is not None else 0,
-            band.shape[2] // tiles.block_n if positions is not None and kind != "near" else 1, *state,
+            band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,

@@ -64,12 +64,11 @@ if wb.gluon is not None:
     def _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_p, d0, DIST_LO, DIST_N, wins, dd,
                       HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, BLOCK: gl.constexpr):
         """The [2 * BLOCK, D] windows of position rows of the tile at distance d0 = i0 - j0 (asynchronous)."""
-        WIN: gl.constexpr = 2 * BLOCK
         if HAS_C2P:
-            idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
+            idx = wb._c2p_window(d0, DIST_LO, DIST_N, BLOCK) + wins
             async_copy.async_copy_global_to_shared(wc_s, c2p_rows + idx[:, None] * stride_p + dd[None, :])
         if HAS_P2C:
-            idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
+            idx = wb._p2c_window(d0, DIST_LO, DIST_N, BLOCK) + wins
             async_copy.async_copy_global_to_shared(wp_s, p2c_rows + idx[:, None] * stride_p + dd[None, :])
 
     @gluon.jit
@@ -103,14 +102,12 @@ if wb.gluon is not None:
         i = i0 + rows
         q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None], other=0.0)
 
-        # The near key blocks the attention kernel would visit: its own arithmetic.
+        # The near key blocks the attention kernel visits: its own function.
         first = gl.load(RANGES + 2 * b)
         last = gl.load(RANGES + 2 * b + 1)
         qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
-        blk_first = first // BLOCK
-        blk_end = gl.where(gl.max(qvalid.to(gl.int32), 0) > 0, last // BLOCK + 1, blk_first)
-        hi_end = gl.minimum(gl.maximum(fa._near_first(i0, SAT_HI, BLOCK), blk_first), blk_end)
-        lo_start = gl.minimum(gl.maximum(fa._near_end(i0, SAT_LO, gl.cdiv(S, BLOCK), BLOCK, BLOCK), hi_end), blk_end)
+        _, hi_end, lo_start, _ = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last, S, SAT_HI, SAT_LO,
+                                                BLOCK, BLOCK)
         # This program's share of them: SPLITS programs per query block when there are too few query blocks to fill
         # the GPU.
         per = (lo_start - hi_end + SPLITS - 1) // SPLITS
@@ -126,9 +123,8 @@ if wb.gluon is not None:
             if HAS_P2C:
                 k_d = gl.load(qkv_b + i[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                               mask=(i < S)[:, None], other=0.0)
-                padded = gl.load(mask_b + i, mask=i < S, other=0) == 0
                 wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
-                          gl.where(padded, float("-inf"), 0.0))
+                          gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)

@@ -114,6 +114,16 @@ if gluon is not None:
         gl.store(OUT, gl.sum(xf * gl.load(TOP_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
         gl.store(OUT + OFFSET, gl.sum(xf * gl.load(ZERO_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
 
+    @gluon.jit
+    def _c2p_window(d0, DIST_LO, DIST_N, BLOCK: gl.constexpr):
+        """First row of C2P's window (rows by distance, reversed) for the tile at distance d0 = i0 - j0."""
+        return gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - 2 * BLOCK)
+
+    @gluon.jit
+    def _p2c_window(d0, DIST_LO, DIST_N, BLOCK: gl.constexpr):
+        """First row of P2C's window (rows by distance) for the tile at distance d0 = i0 - j0."""
+        return gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - 2 * BLOCK)
+
     @gluon.constexpr_function
     def _band_layout(num_warps):
         return gl.BlockedLayout([1, 2], [1, 32], [num_warps, 1], [1, 0])
@@ -165,7 +175,7 @@ if gluon is not None:
                             other=0.0)
                 # Rows by distance, C2P's in reverse (top index first): the window is a run of rows.
                 c2p_rows = pos_h + C2P_TERM * stride_pos_t
-                idx = gl.minimum(gl.maximum(DIST_LO + DIST_N - 1 - d0 - BLOCK, 0), DIST_N - WIN) + wins
+                idx = _c2p_window(d0, DIST_LO, DIST_N, BLOCK) + wins
                 w = gl.load(c2p_rows + idx[:, None] * stride_pos_p + dd[None, :])
                 if blk == m:  # C2P at the top index and at index 0, per query
                     _edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
@@ -175,7 +185,7 @@ if gluon is not None:
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
                 p2c_rows = pos_h + P2C_TERM * stride_pos_t  # index 0 first
-                idx = gl.minimum(gl.maximum(d0 - BLOCK - DIST_LO, 0), DIST_N - WIN) + wins
+                idx = _p2c_window(d0, DIST_LO, DIST_N, BLOCK) + wins
                 w = gl.load(p2c_rows + idx[:, None] * stride_pos_p + dd[None, :])
                 if blk == m:  # P2C at the top index and at index 0, per key, with the key mask
                     padded = gl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) == 0
