@@ -6,9 +6,11 @@ One layer's attention output
 
 is computed per group of heads in two steps and never materialises an S x S tensor:
 
-1. The position terms. On Hopper GPUs `window_band.near_band` (Gluon) makes them in one launch from Kr and Qr (the
-   relative embeddings through the layer's key/query projections; weights only, computed once per model by the
-   caller). Elsewhere, and in CI, two Triton launches:
+1. The position terms. On Hopper GPUs the Gluon kernels make them from Kr and Qr (the relative embeddings through
+   the layer's key/query projections; weights only, computed once per model by the caller): by default
+   `near_attention` does the near tiles' whole softmax step with their terms made in place, and where no tile is
+   saturated writes the context itself (no step 2); `window_band.near_band` writes the band instead where that is
+   faster (`band_kernel_for`). Elsewhere, and in CI, two Triton launches:
    `position_tables`: C2P = Q.Krᵀ and P2C = K.Qrᵀ, [B, H, rows, 2*span] each (span = position_buckets, 256 for
    v3); P2C carries the key mask (-inf for padded keys); then
    `near_band`: for the key tiles near the diagonal only, c2p + p2c = C2P[i, idx(i-j)] + P2C[j, idx(i-j)] gathered
@@ -16,8 +18,7 @@ is computed per group of heads in two steps and never materialises an S x S tens
    make_log_bucket_position arithmetic (float32, IEEE division, libdevice log on the GPU) or the linear rule when
    position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
    between the saturation bounds (`index_table`, ~1000 entries for v3).
-   Opt-in on Hopper, `near_attention.near_state` does the near tiles' softmax step itself (no band) and the
-   attention kernel starts from its state (NEAR_STATE).
+   With `near_attention.near_state` (no band) the attention kernel starts from its softmax state (NEAR_STATE).
    Either way the band comes with `edges`: the terms at the two saturated indices as contiguous vectors (C2P per
    query, P2C per key), what far tiles read.
 2. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
@@ -503,16 +504,28 @@ def heads_per_launch(positions: Positions | None, batch: int, seq_len: int, head
 def near_slots(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> int:
     """The most key blocks any row block has near the diagonal (neither saturated at the top index nor at 0): the
     near band's width in key blocks. The same arithmetic as the kernels' _near_first / _near_end."""
-    hi, lo = saturation
-    n_blocks = triton.cdiv(seq_len, block_n)
     most = 0
     for i0 in range(0, seq_len, block_m):
-        x = i0 - block_n + 1 - hi
-        first = x // block_n + 1 if x >= 0 else 0
-        y = i0 + block_m - 1 - lo
-        end = min((y + block_n - 1) // block_n if y > 0 else 0, n_blocks)
+        first, end = _near_range(saturation, seq_len, i0, block_m, block_n)
         most = max(most, end - first)
     return max(most, 1)
+
+
+def _near_range(saturation: tuple[int, int], seq_len: int, i0: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """[first, end): the near key blocks of row block i0, as the kernels' _near_first / _near_end compute them."""
+    hi, lo = saturation
+    x = i0 - block_n + 1 - hi
+    first = x // block_n + 1 if x >= 0 else 0
+    y = i0 + block_m - 1 - lo
+    end = min((y + block_n - 1) // block_n if y > 0 else 0, triton.cdiv(seq_len, block_n))
+    return first, end
+
+
+@lru_cache(maxsize=None)
+def all_near(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> bool:
+    """Whether every key block of every row block is near the diagonal (no saturated tile anywhere)."""
+    return all(_near_range(saturation, seq_len, i0, block_m, block_n) == (0, triton.cdiv(seq_len, block_n))
+               for i0 in range(0, seq_len, block_m))
 
 
 def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions: Positions, tiles: Tiles,
@@ -582,13 +595,16 @@ def index_table(rule: PositionRule, device: torch.device) -> tuple[torch.Tensor,
 BAND_KERNEL = "auto"
 
 
-def band_kernel_for(qkv: torch.Tensor, head_dim: int, tiles: Tiles, choice: str | None = None) -> str:
-    """How the tiles near the diagonal get their position terms: "window" (window_band, Gluon, Hopper: the band
-    from window products) where it can, else "triton" (position tables, then `near_band`). "near" (near_attention,
-    Gluon, Hopper: the near tiles' whole softmax step with their terms made in place, then the Triton kernel from
-    its state) only when asked for: on an H100 it is 2-4% faster from 1024 tokens and at 32 x 512, 4% slower at
-    512 (results/fused-attention-h100/NOTES.md, v11). `choice` (default BAND_KERNEL) forces one; a Gluon kernel
-    where it cannot run is an error."""
+def band_kernel_for(qkv: torch.Tensor, heads: int, head_dim: int, tiles: Tiles, saturation: tuple[int, int] | None,
+                    choice: str | None = None) -> str:
+    """How the tiles near the diagonal get their position terms. On Hopper GPUs (Gluon kernels): "near"
+    (near_attention: the near tiles' whole softmax step with their terms made in place; it writes the context itself
+    where every tile is near, else its softmax state for the Triton kernel's saturated tiles), except where every
+    tile is near and the query blocks are too few for the near kernel to finish alone (`near_attention.finishes`):
+    there "window" (window_band: the band from window products, then the Triton kernel over many more programs) is
+    faster, 0.590 against 0.611 ms at 1 x 512 on an H100 (results/fused-attention-h100/NOTES.md, v12). Elsewhere
+    "triton" (position tables, then `near_band`). `choice` (default BAND_KERNEL) forces one; a Gluon kernel where it
+    cannot run is an error. `saturation` is the rule's (hi, lo) bounds, None without position terms."""
     choice = choice or BAND_KERNEL
     if choice not in ("auto", "window", "near", "triton"):
         raise ValueError(f"band kernel must be auto, window, near or triton, got {choice!r}")
@@ -598,7 +614,15 @@ def band_kernel_for(qkv: torch.Tensor, head_dim: int, tiles: Tiles, choice: str 
     if choice != "auto" and not can:
         raise ValueError(f"the {choice} kernel needs a compute capability 9.x GPU, fp16 or bf16, 64 x 64 tiles and "
                          f"a head dimension in {window_band.HEAD_DIMS}")
-    return ("window" if choice == "auto" else choice) if can else "triton"
+    if not can:
+        return "triton"
+    if choice != "auto":
+        return choice
+    batch, seq, _ = qkv.shape
+    if (saturation is not None and all_near(saturation, seq, tiles.block_m, tiles.block_n)
+            and not near_attention.finishes(qkv.device, batch, seq, heads, saturation)):
+        return "window"
+    return "near"
 
 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
@@ -621,7 +645,11 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     if ranges is None:
         ranges = valid_ranges(mask)
     tiles = tiles or default_tiles(head_dim, qkv.dtype)
-    kind = band_kernel_for(qkv, head_dim, tiles, band_kernel)
+    sat = None if positions is None else saturation or positions.rule.saturation
+    kind = band_kernel_for(qkv, heads, head_dim, tiles, sat, band_kernel)
+    if kind == "near" and positions is not None and near_attention.finishes(qkv.device, batch, seq, heads, sat):
+        # no saturated tiles: the near kernel writes the context itself
+        return near_attention.near_output(qkv, mask, ranges, positions, heads, head_dim, sat, factor * _LOG2E, out)
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
                              tables=kind == "triton", band=kind != "near")
     for h0 in range(0, heads, group):
@@ -632,7 +660,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
-            sat = saturation or positions.rule.saturation
             rows = _table_rows(seq)
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,

@@ -43,13 +43,14 @@ def _add_layer_norm_kernel(X, R, W, B, Y, N, eps, stride, BLOCK: tl.constexpr):
     tl.store(Y + row * stride + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=ok)
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """norm(x + residual) in one kernel (sum and statistics in float32)."""
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x + residual) in one kernel (sum and statistics in float32), into `out` (contiguous) if given."""
     width = x.shape[-1]
     x2, r2 = x.reshape(-1, width), residual.reshape(-1, width)
     if not (x2.is_contiguous() and r2.is_contiguous()):
         x2, r2 = x2.contiguous(), r2.contiguous()
-    y = torch.empty_like(x2)
+    y = torch.empty_like(x2) if out is None else out.view(-1, width)
     block = triton.next_power_of_2(width)
     _add_layer_norm_kernel[(x2.shape[0],)](x2, r2, norm.weight, norm.bias, y, width, norm.eps, width, BLOCK=block,
                                            num_warps=1 if fa.INTERPRET else min(8, max(1, block // 256)))

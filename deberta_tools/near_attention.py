@@ -10,14 +10,18 @@ walks its near key blocks and does the whole online-softmax step for each:
                                                          and read in the MMA layouts, `_skew_transposed`)
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
 
-K, V and the position windows are copied to shared memory a block ahead (cp.async); when query blocks are too few
-to fill the GPU, several programs share one query block's near blocks (`splits_for`). Each program writes its
-softmax state (acc, running max, running sum) instead of an output: the Triton attention kernel
-starts from that state and adds the saturated tiles (`fused_attention._attention_kernel`, NEAR_STATE). The state is
-[rows, D] float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the band was 107 MiB. The
-first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
-does. Opt-in (`fused_attention.band_kernel_for`): on an H100 it is 2-4% faster than the window band from 1024
-tokens and at 32 x 512, 4% slower at 512 (results/fused-attention-h100/NOTES.md, v11).
+K, V and the position windows are copied to shared memory a block ahead (cp.async). Where every tile is near the
+diagonal (sequences shorter than the span where the position terms saturate, 512 tokens for v3) and query blocks
+are enough to fill the GPU, each program writes its rows of the context and the layer's attention is this one
+launch (`near_output`, `finishes`). Elsewhere (`near_state`) each program writes its softmax state (acc, running
+max, running sum): the Triton attention kernel starts from that state and adds the saturated tiles
+(`fused_attention._attention_kernel`, NEAR_STATE); when query blocks are too few to fill the GPU, several programs
+share one query block's near blocks (`splits_for`) and the Triton kernel merges their states. The state is [rows, D]
+float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the window band's band was 107 MiB.
+The first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
+does. The default on Hopper (`fused_attention.band_kernel_for`) except at batch 1 x 512 tokens, where the window
+band is 3% faster; at 32 x 512 tokens the layer takes 4.38 ms against 4.84 with the window band on an H100
+(results/fused-attention-h100/NOTES.md, v12).
 
 Gluon does not run under TRITON_INTERPRET: CI compiles this kernel for sm_90 (test_fused.py) and the GPU tests
 compare the result with the Triton path.
@@ -75,13 +79,14 @@ if wb.gluon is not None:
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
-        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-        num_warps: gl.constexpr,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+        BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
-        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them."""
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
+        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
         m = gl.program_id(0) // SPLITS
         part = gl.program_id(0) % SPLITS
@@ -116,15 +121,18 @@ if wb.gluon is not None:
 
         # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
         # a token between the first and last valid ones, so every key block another program reads is covered.
-        if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
-            edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
-            if HAS_C2P:
-                wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
-            if HAS_P2C:
-                k_d = gl.load(qkv_b + i[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                              mask=(i < S)[:, None], other=0.0)
-                wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
-                          gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
+        # FINAL: there are no saturated tiles.
+        if not FINAL:
+            if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
+                edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
+                if HAS_C2P:
+                    wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd,
+                              0.0)
+                if HAS_P2C:
+                    k_d = gl.load(qkv_b + i[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
+                                  mask=(i < S)[:, None], other=0.0)
+                    wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
+                              gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
@@ -191,11 +199,27 @@ if wb.gluon is not None:
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-        base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
-        gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
-        r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
-        gl.store(ML + 2 * base + r_s, m_i)
-        gl.store(ML + 2 * base + ROWS + r_s, l_i)
+        if FINAL:  # as the Triton kernel ends
+            out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
+            valid = gl.convert_layout(qvalid, gl.SliceLayout(1, o_l))
+            if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
+                # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+                v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
+                for n in range(0, gl.cdiv(S, BLOCK)):
+                    jj = n * BLOCK + rows
+                    v = gl.load(qkv_b + jj[:, None] * stride_qkv_s + v_col + dd[None, :], mask=(jj < S)[:, None],
+                                other=0.0)
+                    v_sum += gl.sum(v.to(gl.float32), 0)
+                v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
+                out = gl.where(valid[:, None], out, v_mean[None, :])
+            gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :],
+                     out.to(dtype), mask=(r_o < S)[:, None])
+        else:
+            base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
+            gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
+            r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
+            gl.store(ML + 2 * base + r_s, m_i)
+            gl.store(ML + 2 * base + ROWS + r_s, l_i)
 
 
 @lru_cache(maxsize=None)
@@ -222,19 +246,53 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
     as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
     batch, seq, _ = qkv.shape
-    blocks = triton.cdiv(seq, wb.BLOCK)
     if splits is None:
-        splits = splits_for(qkv.device, blocks, batch * group,
+        splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
                             fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
+            acc, ml, edges, None)
+    return acc, ml, edges
+
+
+# Where every tile is near the diagonal, the near kernel writes the context itself (one program per query block: no
+# state, no Triton kernel after it) once a launch has at least this many query-block programs per multiprocessor.
+# On an H100 at 512 tokens: 1.325 ms against 1.397 with split blocks and a merge at batch 8 (384 programs), 4.38 ms
+# at batch 32; at batch 1 (48 programs) 0.659 ms, where the window band takes 0.590 (NOTES.md, v12).
+FINISH_PROGRAMS_PER_SM = 0.5
+
+
+def finishes(device: torch.device, batch: int, seq: int, heads: int, saturation: tuple[int, int]) -> bool:
+    """Whether `near_output` does the whole layer: every key block of every query block is near the diagonal (the
+    sequence is shorter than the span where the position terms saturate) and the launch has enough query blocks
+    (FINISH_PROGRAMS_PER_SM)."""
+    programs = triton.cdiv(seq, wb.BLOCK) * batch * heads
+    return (fa.all_near(saturation, seq, wb.BLOCK, wb.BLOCK)
+            and programs >= FINISH_PROGRAMS_PER_SM * _multiprocessors(device))
+
+
+def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
+                saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
+    """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
+    tiles, so no state and no Triton kernel after this one."""
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
+    return out
+
+
+def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
+            acc, ml, edges, out):
+    batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
-    _near_attention_kernel[(blocks * splits, batch * group)](
+    final = out is not None
+    out = out if final else qkv  # a placeholder when the state is written
+    edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
+    _near_attention_kernel[(triton.cdiv(seq, wb.BLOCK) * splits, batch * group)](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
-        edges, edges.stride(0), edges.stride(1), rows, seq, heads, h0, group, saturation[0], saturation[1], qk_scale,
-        splits, HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
+        edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
+        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
+        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4)
-    return acc, ml, edges

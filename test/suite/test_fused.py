@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model
 from deberta_tools import fused_attention as fa
-from deberta_tools import fused_model
+from deberta_tools import fused_model, near_attention
 from deberta_tools.errors import UserError
 
 DEVICE = "cuda" if torch.cuda.is_available() and not fa.INTERPRET else "cpu"
@@ -161,6 +161,41 @@ def test_gluon_kernels_match_triton_band(name, extra, dtype, kernel):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_near_attention_writes_the_context_where_every_tile_is_near(monkeypatch, dtype):
+    """No saturated tile (v3's own span at 300 tokens): the near kernel writes the context itself, one program per
+    query block, with no state and no Triton kernel after it; padded query rows get the mean of V. Sequences that
+    end early, an empty one and one with a hole."""
+    kw = dict(batch=5, seq=300, dtype=dtype, lengths=[300, 20, 231, 0, 300], hidden_size=256, hole=(4, 100, 250))
+    triton_band, _ = _attention_case("v3_span256", band_kernel="triton", **kw)
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the Triton attention kernel ran after the near kernel")
+    monkeypatch.setattr(near_attention, "FINISH_PROGRAMS_PER_SM", 0)  # whatever the number of query blocks
+    monkeypatch.setattr(fa, "_attention_kernel", NotLaunched())
+    near, _ = _attention_case("v3_span256", band_kernel="near", **kw)
+    assert near < 1.02 * triton_band, f"{near:.3e} vs Triton band {triton_band:.3e}"
+    assert dtype != torch.float16 or near < 1e-2
+
+
+@pytest.mark.parametrize("seq", [1, 64, 300, 512, 513, 700, 2048])
+@pytest.mark.parametrize("rule", [fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16),
+                                  fa.PositionRule(64, -1, 64)])
+def test_all_near_means_no_saturated_tile(seq, rule):
+    """`all_near` (the near kernel then writes the context itself) holds exactly when no 64 x 64 tile has every
+    distance i - j saturated, at the top index or at 0, counted from the rule's own index function."""
+    block = 64
+    top = 2 * rule.span - 1
+    saturated = False
+    for i0 in range(0, seq, block):
+        for j0 in range(0, seq, block):
+            idx = rule.index(torch.arange(i0 - j0 - block + 1, i0 - j0 + block))
+            saturated |= bool((idx == top).all() or (idx == 0).all())
+    assert fa.all_near(rule.saturation, seq, block, block) == (not saturated)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
 def test_near_attention_on_mostly_padded_sequences():
     """The near kernel's softmax state handed to the Triton kernel where sequences end early, one has no token and
     one has a hole of masked tokens longer than a tile in its middle."""
@@ -180,15 +215,19 @@ def test_gluon_kernels_compile_for_hopper():
     from pathlib import Path
     script = Path(__file__).resolve().parents[2] / "scripts" / "inspect_kernels.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for band, kernel in (("window", "_window_band_kernel"), ("near", "_near_attention_kernel")):
+    # 700 tokens: near and saturated tiles; 64 x 512 tokens: every tile near, the near kernel writes the context.
+    for band, kernel, seq, batch in (("window", "_window_band_kernel", "700", "2"),
+                                     ("near", "_near_attention_kernel", "700", "2"),
+                                     ("near", "_near_attention_kernel", "512", "64")):
         for dtype, dim in (("fp16", "64"), ("bf16", "128")):
-            out = subprocess.run([sys.executable, str(script), "--band", band, "--seq-len", "700", "--batch-size",
-                                  "2", "--heads", "2", "--head-dim", dim, "--dtype", dtype],
+            out = subprocess.run([sys.executable, str(script), "--band", band, "--seq-len", seq, "--batch-size",
+                                  batch, "--heads", "2", "--head-dim", dim, "--dtype", dtype],
                                  capture_output=True, text=True, env=env)
             assert out.returncode == 0, out.stderr[-2000:]
             rows = {line.split("|")[1].strip(): line.split("|")
                     for line in out.stdout.splitlines() if line.startswith("| _")}
             assert kernel in rows and "_near_band_kernel" not in rows and "_position_tables_kernel" not in rows
+            assert ("_attention_kernel" in rows) == (seq == "700"), "the Triton kernel after the near one, or not"
             assert rows[kernel][-2].strip() == "True", f"no wgmma in {kernel}'s PTX"
 
 
