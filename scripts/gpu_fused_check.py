@@ -11,6 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
+                                      [--near-ablation]
 """
 
 import argparse
@@ -135,6 +136,33 @@ def variant_timing(seqs, tiles_list, batch=1):
                 rows.append([str(seq), _tiles(tiles), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
     print(f"batch {batch}, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
+
+
+def near_ablation(cases):
+    """The near kernel's time with its position terms switched off one at a time (constexpr HAS_C2P / HAS_P2C: the
+    window product and skew of that term are compiled out), for where its time goes; results are then wrong."""
+    rows = []
+    heads, dim = 6, 64
+    for batch, seq in cases:
+        qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
+        ranges = fa.valid_ranges(mask)
+        sat = positions.rule.saturation
+        rows_ = fa._table_rows(seq)
+        out = torch.empty(batch, seq, heads * dim, device="cuda", dtype=qkv.dtype)
+        q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
+        sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        for name, c2p, p2c in (("c2p + p2c", 0, 1), ("c2p only", 0, None), ("p2c only", None, 1),
+                               ("no position terms", None, None)):
+            pos = fa.Positions(positions.rule, positions.pos, c2p, p2c)
+            if near_attention.finishes(qkv.device, batch, seq, heads, sat):
+                fn = lambda: near_attention.near_output(qkv, mask, ranges, pos, heads, dim, sat, 0.1, out)  # noqa: E731
+                kind = "context"
+            else:
+                fn = lambda: near_attention.near_state(qkv, mask, ranges, pos, heads, dim, 0, heads, rows_, sat, 0.1)  # noqa: E731
+                kind = "state"
+            rows.append([str(batch), str(seq), kind, name, f"{_graph_us(fn):.1f}", f"{sdpa:.1f}"])
+    print("near kernel alone, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
+    print(report.table(["batch", "seq", "writes", "terms", "us per call", "SDPA (all tiles) us"], rows))
 
 
 def _tiles(t):
@@ -274,6 +302,8 @@ def main():
                         help="kernel variants (batch 1 and 32) and end to end with each band kernel, then stop")
     parser.add_argument("--near-sweep", action="store_true",
                         help="end to end with the near attention for several splits of the near blocks, then stop")
+    parser.add_argument("--near-ablation", action="store_true",
+                        help="the near kernel with its position terms switched off one at a time, then stop")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     fa.BAND_KERNEL = args.band
@@ -284,6 +314,9 @@ def main():
             fa.BAND_KERNEL = band
             end_to_end([512, 1024, 2048, 4096, 8192], [1], label=f"default tiles, {band} band")
             end_to_end([512], [32], label=f"default tiles, {band} band")
+        return
+    if args.near_ablation:
+        near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
         return
     if args.near_sweep:
         fa.BAND_KERNEL = "near"
