@@ -281,6 +281,11 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
+# Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (254 for head
+# dimension 64: two programs per multiprocessor).
+MAX_REGISTERS = None
+
+
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
             acc, ml, edges, out):
     batch, seq, _ = qkv.shape
@@ -295,4 +300,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4)
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -304,6 +304,8 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
+    parser.add_argument("--near-registers", action="store_true",
+                        help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     fa.BAND_KERNEL = args.band
@@ -317,6 +319,15 @@ def main():
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
+        return
+    if args.near_registers:
+        for cap in (None, 168, 128):
+            near_attention.MAX_REGISTERS = cap
+            print(f"register cap {cap}")
+            near_ablation([(1, 512), (1, 2048), (32, 512)])
+        near_attention.MAX_REGISTERS = 168
+        end_to_end([512, 2048], [1], label="register cap 168")
+        end_to_end([512], [32], label="register cap 168")
         return
     if args.near_sweep:
         fa.BAND_KERNEL = "near"

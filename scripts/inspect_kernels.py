@@ -46,7 +46,7 @@ class _Recorder:
 def _source(fn, args, kwargs):
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     for n, name in enumerate(names):
         if name in kwargs:
             signature[name] = "constexpr"
