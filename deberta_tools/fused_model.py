@@ -4,9 +4,10 @@
 convolution layer stay Hugging Face's own modules. Per layer the encoder runs:
 
     qkv   = x . [Wq|Wk|Wv]ᵀ + b          one GEMM instead of three
-    ctx   = fused attention               fused_attention.attention: position terms (the Gluon window band on
-                                          Hopper, else position tables and gathers; Kr, Qr precomputed once per
-                                          model), then the flash-style kernel; never an S x S tensor
+    ctx   = fused attention               fused_attention.attention: on Hopper the Gluon near attention (the
+                                          near tiles with their position terms made in place), else position
+                                          tables and gathers, then the flash-style kernel; Kr, Qr precomputed once
+                                          per model; never an S x S tensor
     h     = LayerNorm(ctx . Woᵀ + bo + x) GEMM, then one fused add + LayerNorm kernel
     x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)
 
