@@ -19,8 +19,8 @@ max, running sum): the Triton attention kernel starts from that state and adds t
 share one query block's near blocks (`splits_for`) and the Triton kernel merges their states. The state is [rows, D]
 float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the window band's band was 107 MiB.
 The first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
-does. The default on Hopper (`fused_attention.band_kernel_for`) except at batch 1 x 512 tokens, where the window
-band is 3% faster; at 32 x 512 tokens the layer takes 4.38 ms against 4.84 with the window band on an H100
+does. The default on Hopper (`fused_attention.band_kernel_for`) except where every tile is near and query blocks
+are few (batch 1 x 512 tokens for the demo config), where the window band is 3% faster; at 32 x 512 tokens the layer takes 4.38 ms against 4.84 with the window band on an H100
 (results/fused-attention-h100/NOTES.md, v12).
 
 Gluon does not run under TRITON_INTERPRET: CI compiles this kernel for sm_90 (test_fused.py) and the GPU tests
@@ -281,8 +281,8 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (254 for head
-# dimension 64: two programs per multiprocessor).
+# Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (237-255 for head
+# dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
 
 

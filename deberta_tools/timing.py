@@ -74,3 +74,17 @@ def measure_cuda(run: Callable[[], object], stream, warmup: int = 10, iterations
                 progress(i + 1)
     stream.synchronize()
     return Latency.from_samples([start.elapsed_time(end) for start, end in events])
+
+
+def graph_us(fn: Callable[[], object], launches: int = 10) -> float:
+    """Microseconds per call of `fn` on the current CUDA device, replayed from a CUDA graph of `launches` calls (no
+    host launch cost in the time): Triton's do_bench median over the replays. For kernel experiments
+    (scripts/gpu_*_check.py)."""
+    import torch
+    from triton.testing import do_bench
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return do_bench(graph.replay, return_mode="median") * 1e3 / launches

@@ -17,19 +17,10 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import fused_model, report  # noqa: E402
-
-
-def _graph_us(fn, launches=10):
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return do_bench(graph.replay, return_mode="median") * 1e3 / launches
+from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 
 
 class Block(torch.nn.Module):
@@ -47,34 +38,24 @@ def whole(blk, ctx, x):
     return fused_model.add_layer_norm(blk.ffn_dense(torch.nn.functional.gelu(blk.inter_dense(h))), h, blk.ffn_norm)
 
 
-def chunked(blk, ctx, x, chunk, scratch):
-    """The same per chunk of `chunk` tokens; scratch buffers reused by every chunk (they stay in L2)."""
+def chunked(blk, ctx, x, chunk, scratch, layer=True):
+    """The same per chunk of `chunk` tokens, into scratch buffers reused by every chunk (they stay in L2); with
+    layer=False only the feed-forward block goes in chunks (out-projection and its LayerNorm over all tokens)."""
     out = torch.empty_like(x)
     proj, h, inter, down = scratch
+    h_all = None if layer else fused_model.add_layer_norm(blk.out_dense(ctx), x, blk.out_norm)
     for s in range(0, x.shape[0], chunk):
         e = min(s + chunk, x.shape[0])
         n = e - s
-        torch.addmm(blk.out_dense.bias, ctx[s:e], blk.out_dense.weight.t(), out=proj[:n])
-        fused_model.add_layer_norm(proj[:n], x[s:e], blk.out_norm, out=h[:n])
-        torch.addmm(blk.inter_dense.bias, h[:n], blk.inter_dense.weight.t(), out=inter[:n])
+        if layer:
+            torch.addmm(blk.out_dense.bias, ctx[s:e], blk.out_dense.weight.t(), out=proj[:n])
+            h_c = fused_model.add_layer_norm(proj[:n], x[s:e], blk.out_norm, out=h[:n])
+        else:
+            h_c = h_all[s:e]
+        torch.addmm(blk.inter_dense.bias, h_c, blk.inter_dense.weight.t(), out=inter[:n])
         torch.ops.aten.gelu_(inter[:n])
         torch.addmm(blk.ffn_dense.bias, inter[:n], blk.ffn_dense.weight.t(), out=down[:n])
-        fused_model.add_layer_norm(down[:n], h[:n], blk.ffn_norm, out=out[s:e])
-    return out
-
-
-def chunked_ffn(blk, ctx, x, chunk, scratch):
-    """Only the feed-forward block in chunks (out-projection and its LayerNorm over all tokens)."""
-    h = fused_model.add_layer_norm(blk.out_dense(ctx), x, blk.out_norm)
-    out = torch.empty_like(x)
-    _, _, inter, down = scratch
-    for s in range(0, x.shape[0], chunk):
-        e = min(s + chunk, x.shape[0])
-        n = e - s
-        torch.addmm(blk.inter_dense.bias, h[s:e], blk.inter_dense.weight.t(), out=inter[:n])
-        torch.ops.aten.gelu_(inter[:n])
-        torch.addmm(blk.ffn_dense.bias, inter[:n], blk.ffn_dense.weight.t(), out=down[:n])
-        fused_model.add_layer_norm(down[:n], h[s:e], blk.ffn_norm, out=out[s:e])
+        fused_model.add_layer_norm(down[:n], h_c, blk.ffn_norm, out=out[s:e])
     return out
 
 
@@ -113,9 +94,9 @@ def main():
                            torch.empty(chunk, hidden, device="cuda", dtype=torch.float16),
                            torch.empty(chunk, inter, device="cuda", dtype=torch.float16),
                            torch.empty(chunk, hidden, device="cuda", dtype=torch.float16))
-                for label, fn in (("layer", chunked), ("FFN only", chunked_ffn)):
-                    err = ((fn(blk, ctx, x, chunk, scratch).float() - ref).norm() / ref.norm()).item()
-                    t = _graph_us(lambda: fn(blk, ctx, x, chunk, scratch))
+                for label, layer in (("layer", True), ("FFN only", False)):
+                    err = ((chunked(blk, ctx, x, chunk, scratch, layer).float() - ref).norm() / ref.norm()).item()
+                    t = _graph_us(lambda: chunked(blk, ctx, x, chunk, scratch, layer))
                     rows.append([str(tokens), f"{label} in chunks of {chunk}", f"{t:.1f}", f"{err:.1e}"])
     print(f"hidden {hidden}, intermediate {inter}, fp16, us per call (10 calls per CUDA graph replay, median)")
     print(report.table(["tokens", "variant", "us", "rel L2 vs whole"], rows))

@@ -26,6 +26,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import export, fused_attention as fa, fused_model, near_attention, report  # noqa: E402
 from deberta_tools import window_band  # noqa: E402
+from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
 
@@ -78,16 +79,6 @@ def _inputs(seq, heads=6, dim=64, span=256, batch=1):
                              torch.randn(2, heads, 2 * span, dim, device="cuda", dtype=torch.float16), 0, 1)
     mask = torch.ones(batch, seq, dtype=torch.int32, device="cuda")
     return qkv, positions, mask
-
-
-def _graph_us(fn, launches=10):
-    """Microseconds per call of fn, replayed from a CUDA graph of `launches` calls (no host launch cost)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    return do_bench(graph.replay, return_mode="median") * 1e3 / launches
 
 
 def variant_timing(seqs, tiles_list, batch=1):
