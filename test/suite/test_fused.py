@@ -160,25 +160,6 @@ def test_gluon_kernels_match_triton_band(name, extra, dtype, kernel):
     assert dtype != torch.float16 or gluon < 1e-2
 
 
-@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_near_attention_writes_the_context_where_every_tile_is_near(monkeypatch, dtype):
-    """No saturated tile (v3's own span at 300 tokens): the near kernel writes the context itself, one program per
-    query block, with no state and no Triton kernel after it; padded query rows get the mean of V. Sequences that
-    end early, an empty one and one with a hole."""
-    kw = dict(batch=5, seq=300, dtype=dtype, lengths=[300, 20, 231, 0, 300], hidden_size=256, hole=(4, 100, 250))
-    triton_band, _ = _attention_case("v3_span256", band_kernel="triton", **kw)
-
-    class NotLaunched:
-        def __getitem__(self, grid):
-            raise AssertionError("the Triton attention kernel ran after the near kernel")
-    monkeypatch.setattr(near_attention, "FINISH_PROGRAMS_PER_SM", 0)  # whatever the number of query blocks
-    monkeypatch.setattr(fa, "_attention_kernel", NotLaunched())
-    near, _ = _attention_case("v3_span256", band_kernel="near", **kw)
-    assert near < 1.02 * triton_band, f"{near:.3e} vs Triton band {triton_band:.3e}"
-    assert dtype != torch.float16 or near < 1e-2
-
-
 @pytest.mark.parametrize("seq", [1, 64, 300, 512, 513, 700, 2048])
 @pytest.mark.parametrize("rule", [fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16),
                                   fa.PositionRule(64, -1, 64)])
@@ -196,13 +177,29 @@ def test_all_near_means_no_saturated_tile(seq, rule):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-def test_near_attention_on_mostly_padded_sequences():
-    """The near kernel's softmax state handed to the Triton kernel where sequences end early, one has no token and
-    one has a hole of masked tokens longer than a tile in its middle."""
-    kw = dict(batch=5, seq=400, dtype=torch.float16, lengths=[400, 20, 331, 0, 400], hidden_size=128, **SMALL_SPAN)
-    near, _ = _attention_case("v3", band_kernel="near", hole=(4, 100, 250), **kw)
-    triton_band, _ = _attention_case("v3", band_kernel="triton", hole=(4, 100, 250), **kw)
-    assert near < 1.02 * triton_band and near < 1e-2, f"{near:.3e} vs Triton band {triton_band:.3e}"
+@pytest.mark.parametrize("writes,dtype", [("state", torch.float16), ("context", torch.float16),
+                                          ("context", torch.bfloat16)])
+def test_near_attention_on_mostly_padded_sequences(monkeypatch, writes, dtype):
+    """Sequences that end early, one with no token and one with a hole of masked tokens longer than a tile, against
+    the Triton band. "state": near and saturated tiles (a small span at 400 tokens), the near kernel's softmax state
+    handed to the Triton kernel. "context": no saturated tile (v3's own span at 300 tokens), the near kernel writes
+    the context itself, one program per query block, with no Triton kernel after it; padded query rows get the
+    mean of V."""
+    if writes == "state":
+        name, kw = "v3", dict(seq=400, lengths=[400, 20, 331, 0, 400], hidden_size=128, **SMALL_SPAN)
+    else:
+        name, kw = "v3_span256", dict(seq=300, lengths=[300, 20, 231, 0, 300], hidden_size=256)
+    kw.update(batch=5, dtype=dtype, hole=(4, 100, 250))
+    triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
+    if writes == "context":
+        class NotLaunched:
+            def __getitem__(self, grid):
+                raise AssertionError("the Triton attention kernel ran after the near kernel")
+        monkeypatch.setattr(near_attention, "FINISH_PROGRAMS_PER_SM", 0)  # whatever the number of query blocks
+        monkeypatch.setattr(fa, "_attention_kernel", NotLaunched())
+    near, _ = _attention_case(name, band_kernel="near", **kw)
+    assert near < 1.02 * triton_band, f"{near:.3e} vs Triton band {triton_band:.3e}"
+    assert dtype != torch.float16 or near < 1e-2
 
 
 def test_gluon_kernels_compile_for_hopper():
