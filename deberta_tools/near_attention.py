@@ -41,14 +41,16 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
     @gluon.jit
-    def _skew_transposed(prod, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
-        """out[r, c] = prod[c, BLOCK + r - c] in out_l, through shared memory: prod stored straight from its MMA
-        layout with a row pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), read with a
-        pitch of 2 * BLOCK + 1 (view row c, column BLOCK + r is prod[c, BLOCK + r - c]); the read goes down columns,
-        one element at a time, so the odd pitch is no misaligned access."""
+    def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
+        """out[r, c] = prod[r, BLOCK - r + c], or with TRANSPOSE prod[c, BLOCK + r - c], in out_l (an MMA layout
+        whose warps own 16-row slices), through shared memory: prod stored straight from its MMA layout with a row
+        pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), read with a pitch of
+        2 * BLOCK + 1 (view row r, column BLOCK + c is prod[r, BLOCK - r + c]) one element at a time, so the odd
+        pitch is no misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on
+        consecutive columns and each warp on out_l's rows, so the conversion to out_l stays within warps."""
         WIN: gl.constexpr = 2 * BLOCK
         st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
         rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
@@ -56,7 +58,11 @@ if wb.gluon is not None:
         p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], st_l, prod.to(dtype))
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
-        return view.permute((1, 0)).load(out_l).to(gl.float32)
+        if TRANSPOSE:
+            return view.permute((1, 0)).load(out_l).to(gl.float32)
+        else:
+            row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
+            return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)
 
     @gluon.jit
     def _copy_tile(dst, base, r, stride_r, col, dd, S):
@@ -81,7 +87,7 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, ASYNC: gl.constexpr, HALF: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -168,12 +174,28 @@ if wb.gluon is not None:
             async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
-            if HAS_C2P:
-                prod = wb._window_product(q_s, wc_s, BLOCK, num_warps)
-                s += gl.convert_layout(wb._skew(prod, dtype, False, BLOCK, num_warps), s_l)
-            if HAS_P2C:
-                prod = wb._window_product(k_s, wp_s, BLOCK, num_warps)
+            # ASYNC: the three products issued together (asynchronous wgmma, completing in order), c2p's skew
+            # running while p2c's product is still on the tensor cores.
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
+                              is_async=ASYNC)
+            if ASYNC:
+                if HAS_C2P:
+                    c2p = wb._window_product(q_s, wc_s, BLOCK, num_warps, True, HALF)
+                if HAS_P2C:
+                    p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps, True, HALF)
+                LATER: gl.constexpr = 1 if HAS_P2C else 0  # products still allowed in flight
+                if HAS_C2P:
+                    s, c2p = warpgroup_mma_wait(LATER, deps=(s, c2p))
+                    s += _skew_mma(c2p, dtype, False, BLOCK, s_l)
+                else:
+                    s = warpgroup_mma_wait(LATER, deps=(s,))
+                if HAS_P2C:
+                    p2c = warpgroup_mma_wait(0, deps=(p2c,))
+            else:
+                if HAS_C2P:
+                    s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps, False, HALF), dtype, False, BLOCK, s_l)
+                if HAS_P2C:
+                    p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps, False, HALF)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
                 _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
@@ -181,7 +203,7 @@ if wb.gluon is not None:
                               dd, HAS_C2P, HAS_P2C, BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:
-                s += _skew_transposed(prod, dtype, BLOCK, s_l)
+                s += _skew_mma(p2c, dtype, True, BLOCK, s_l)
             s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -281,9 +303,13 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (237-255 for head
-# dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
-MAX_REGISTERS = None
+# Register cap per thread for the near kernel (ptxas .maxnreg) by dtype, absent for the compiler's choice.
+MAX_REGISTERS = {}
+
+# Whether the near kernel issues its three products together (asynchronous wgmma) or one after the other.
+ASYNC_PRODUCTS = False
+# Whether float16 inputs' window products are summed in float16 (half the registers, ~8% larger attention error).
+HALF_PRODUCTS = False
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
@@ -300,5 +326,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
-        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, ASYNC=ASYNC_PRODUCTS, HALF=HALF_PRODUCTS, num_warps=4,
+        **({"maxnreg": MAX_REGISTERS[qkv.dtype]} if qkv.dtype in MAX_REGISTERS else {}))
