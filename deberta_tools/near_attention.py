@@ -6,8 +6,8 @@ of a layer's attention time on an H100 (results/fused-attention-h100/NOTES.md). 
 walks its near key blocks and does the whole online-softmax step for each:
 
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
-                                                         memory (c2p's as window_band makes it, p2c's stored
-                                                         and read in the MMA layouts, `_skew_transposed`)
+                                                         memory, both products stored straight from their MMA
+                                                         layout (`_skew_mma`)
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
 
 K, V and the position windows are copied to shared memory a block ahead (cp.async). Where every tile is near the
@@ -41,7 +41,7 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
@@ -50,7 +50,8 @@ if wb.gluon is not None:
         pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), read with a pitch of
         2 * BLOCK + 1 (view row r, column BLOCK + c is prod[r, BLOCK - r + c]) one element at a time, so the odd
         pitch is no misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on
-        consecutive columns and each warp on out_l's rows, so the conversion to out_l stays within warps."""
+        consecutive columns (read in out_l the compiler pairs elements: misaligned in odd rows), then converted to
+        out_l, which the compiler does with four 16-byte stores and four ldmatrix a thread."""
         WIN: gl.constexpr = 2 * BLOCK
         st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
         rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
@@ -87,7 +88,7 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, ASYNC: gl.constexpr, HALF: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -174,28 +175,11 @@ if wb.gluon is not None:
             async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            # ASYNC: the three products issued together (asynchronous wgmma, completing in order), c2p's skew
-            # running while p2c's product is still on the tensor cores.
-            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
-                              is_async=ASYNC)
-            if ASYNC:
-                if HAS_C2P:
-                    c2p = wb._window_product(q_s, wc_s, BLOCK, num_warps, True, HALF)
-                if HAS_P2C:
-                    p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps, True, HALF)
-                LATER: gl.constexpr = 1 if HAS_P2C else 0  # products still allowed in flight
-                if HAS_C2P:
-                    s, c2p = warpgroup_mma_wait(LATER, deps=(s, c2p))
-                    s += _skew_mma(c2p, dtype, False, BLOCK, s_l)
-                else:
-                    s = warpgroup_mma_wait(LATER, deps=(s,))
-                if HAS_P2C:
-                    p2c = warpgroup_mma_wait(0, deps=(p2c,))
-            else:
-                if HAS_C2P:
-                    s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps, False, HALF), dtype, False, BLOCK, s_l)
-                if HAS_P2C:
-                    p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps, False, HALF)
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
+            if HAS_C2P:
+                s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps), dtype, False, BLOCK, s_l)
+            if HAS_P2C:
+                p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
                 _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
@@ -303,13 +287,9 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# Register cap per thread for the near kernel (ptxas .maxnreg) by dtype, absent for the compiler's choice.
-MAX_REGISTERS = {}
-
-# Whether the near kernel issues its three products together (asynchronous wgmma) or one after the other.
-ASYNC_PRODUCTS = False
-# Whether float16 inputs' window products are summed in float16 (half the registers, ~8% larger attention error).
-HALF_PRODUCTS = False
+# Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
+# dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
+MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
@@ -326,5 +306,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, ASYNC=ASYNC_PRODUCTS, HALF=HALF_PRODUCTS, num_warps=4,
-        **({"maxnreg": MAX_REGISTERS[qkv.dtype]} if qkv.dtype in MAX_REGISTERS else {}))
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -76,17 +76,12 @@ if gluon is not None:
         return _skew(_window_product(x_s, w_s, BLOCK, num_warps), dtype, TRANSPOSE, BLOCK, num_warps)
 
     @gluon.jit
-    def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr, IS_ASYNC: gl.constexpr = False,
-                        HALF: gl.constexpr = False):
-        """x . wᵀ [BLOCK, 2 * BLOCK] on the tensor cores, from shared memory, summed in float32 (HALF and float16
-        operands: in float16, half the registers). IS_ASYNC: the token `warpgroup_mma_wait` turns into the
-        result."""
+    def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr):
+        """x . wᵀ [BLOCK, 2 * BLOCK] float32 on the tensor cores, from shared memory."""
         WIN: gl.constexpr = 2 * BLOCK
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, WIN, 16])
-        acc_t: gl.constexpr = gl.float16 if HALF and x_s.dtype == gl.float16 else gl.float32
-        return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], acc_t, mma_l), use_acc=False,
-                             is_async=IS_ASYNC)
+        return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False)
 
     @gluon.jit
     def _skew(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):

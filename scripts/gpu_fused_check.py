@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-variants] [--near-registers]
+                                      [--near-ablation]
 """
 
 import argparse
@@ -129,7 +129,7 @@ def variant_timing(seqs, tiles_list, batch=1):
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
 
 
-def near_ablation(cases, terms_only=False):
+def near_ablation(cases):
     """The near kernel's time with its position terms switched off one at a time (constexpr HAS_C2P / HAS_P2C: the
     window product and skew of that term are compiled out), for where its time goes; results are then wrong."""
     rows = []
@@ -142,8 +142,8 @@ def near_ablation(cases, terms_only=False):
         out = torch.empty(batch, seq, heads * dim, device="cuda", dtype=qkv.dtype)
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        terms = (("c2p + p2c", 0, 1), ("c2p only", 0, None), ("p2c only", None, 1), ("no position terms", None, None))
-        for name, c2p, p2c in terms[:1] if terms_only else terms:
+        for name, c2p, p2c in (("c2p + p2c", 0, 1), ("c2p only", 0, None), ("p2c only", None, 1),
+                               ("no position terms", None, None)):
             pos = fa.Positions(positions.rule, positions.pos, c2p, p2c)
             if near_attention.finishes(qkv.device, batch, seq, heads, sat):
                 fn = lambda: near_attention.near_output(qkv, mask, ranges, pos, heads, dim, sat, 0.1, out)  # noqa: E731
@@ -295,9 +295,6 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
-    parser.add_argument("--near-variants", action="store_true",
-                        help="the near kernel alone and end to end with its products issued together or one after "
-                             "the other, and under a register cap, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
@@ -314,25 +311,12 @@ def main():
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
         return
-    if args.near_variants:
-        fp16 = torch.float16
-        for name, issue, half, caps in (("float32 sums", False, False, {}),
-                                        ("float32 sums, products together", True, False, {}),
-                                        ("float16 sums", False, True, {}),
-                                        ("float16 sums, cap 168", False, True, {fp16: 168})):
-            near_attention.ASYNC_PRODUCTS, near_attention.HALF_PRODUCTS = issue, half
-            near_attention.MAX_REGISTERS = caps
-            print(name)
-            near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)], terms_only=True)
-            end_to_end([512, 2048, 8192], [1], label=name)
-            end_to_end([512], [32], label=name)
-        return
     if args.near_registers:
         for cap in (None, 168, 128):
-            near_attention.MAX_REGISTERS = {} if cap is None else {torch.float16: cap, torch.bfloat16: cap}
+            near_attention.MAX_REGISTERS = cap
             print(f"register cap {cap}")
             near_ablation([(1, 512), (1, 2048), (32, 512)])
-        near_attention.MAX_REGISTERS = {torch.float16: 168, torch.bfloat16: 168}
+        near_attention.MAX_REGISTERS = 168
         end_to_end([512, 2048], [1], label="register cap 168")
         end_to_end([512], [32], label="register cap 168")
         return
