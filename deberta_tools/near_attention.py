@@ -46,12 +46,13 @@ if wb.gluon is not None:
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
         """out[r, c] = prod[r, BLOCK - r + c], or with TRANSPOSE prod[c, BLOCK + r - c], in out_l (an MMA layout
-        whose warps own 16-row slices), through shared memory: prod stored straight from its MMA layout with a row
-        pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), read with a pitch of
-        2 * BLOCK + 1 (view row r, column BLOCK + c is prod[r, BLOCK - r + c]) one element at a time, so the odd
-        pitch is no misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on
-        consecutive columns (read in out_l the compiler pairs elements: misaligned in odd rows), then converted to
-        out_l, which the compiler does with four 16-byte stores and four ldmatrix a thread."""
+        whose warps own 16-row slices), through shared memory. prod is stored straight from its MMA layout with a row
+        pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned) and read with a pitch of
+        2 * BLOCK + 1: view row r, column BLOCK + c is prod[r, BLOCK - r + c] (with TRANSPOSE view row c, column
+        BLOCK + r is prod[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
+        misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
+        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l, which the
+        compiler does with four 16-byte stores and four ldmatrix a thread."""
         WIN: gl.constexpr = 2 * BLOCK
         st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
         rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
