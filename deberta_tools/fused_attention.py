@@ -360,11 +360,10 @@ def _attention_kernel(
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NEAR_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
-    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`). NEAR_M:
-    the query block (a multiple of BLOCK_M) whose near run the near blocks are, the near kernel's own."""
+    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -390,8 +389,8 @@ def _attention_kernel(
     last = tl.load(RANGES + 2 * b + 1)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
-    blk_first, hi_end, lo_start, blk_end = _key_blocks((i0 // NEAR_M) * NEAR_M, tl.max(qvalid.to(tl.int32), 0) > 0,
-                                                       first, last, S, SAT_HI, SAT_LO, NEAR_M, BLOCK_N)
+    blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
+                                                       SAT_HI, SAT_LO, BLOCK_M, BLOCK_N)
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
@@ -676,12 +675,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        near_m = tiles.block_m
-        run = tiles
-        if kind == "near" and positions is not None:
-            near_m = window_band.BLOCK
-            run = near_attention.far_tiles(qkv.device, tiles, triton.cdiv(seq, near_m) * batch * g)
-        grid = (triton.cdiv(seq, run.block_m), batch * g)
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
@@ -690,9 +684,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=run.block_m,
-            BLOCK_N=run.block_n, NEAR_M=near_m, DOT_PRECISION=_dot_precision(qkv.dtype),
-            num_warps=run.num_warps, num_stages=run.num_stages)
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 

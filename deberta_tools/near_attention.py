@@ -245,19 +245,6 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
-# Below this many of the near kernel's query blocks per multiprocessor, the Triton kernel that merges its states and
-# adds the far tiles takes 32-row query blocks (twice the programs; 0 turns it off).
-FAR_HALF_BLOCKS_BELOW = 2.0
-
-
-def far_tiles(device: torch.device, tiles, query_blocks: int):
-    """Tiles for `fused_attention._attention_kernel` after `near_state`: 32-row query blocks when the near kernel's
-    `query_blocks` (x batch x heads) are fewer than FAR_HALF_BLOCKS_BELOW per multiprocessor, else `tiles`."""
-    if query_blocks < FAR_HALF_BLOCKS_BELOW * _multiprocessors(device):
-        return fa.Tiles(32, tiles.block_n, tiles.num_warps, tiles.num_stages)
-    return tiles
-
-
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
                splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-registers] [--far-tiles]
+                                      [--near-ablation]
 """
 
 import argparse
@@ -156,22 +156,6 @@ def near_ablation(cases):
     print(report.table(["batch", "seq", "writes", "terms", "us per call", "SDPA (all tiles) us"], rows))
 
 
-def far_tiles_sweep(thresholds):
-    """The attention layer (near kernel + the Triton kernel for the far tiles) and the whole model with the Triton
-    kernel on 32-row query blocks below each threshold of near query blocks per multiprocessor (0: never)."""
-    heads, dim = 6, 64
-    for below in thresholds:
-        near_attention.FAR_HALF_BLOCKS_BELOW = below
-        rows = []
-        for batch, seq in ((1, 1024), (1, 2048), (1, 4096), (2, 2048)):
-            qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
-            t = _graph_us(lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, band_kernel="near"))
-            rows.append([str(below), str(batch), str(seq), f"{t:.1f}"])
-        print(report.table(["32-row blocks below (per SM)", "batch", "seq", "attention layer us"], rows))
-        end_to_end([1024, 2048, 4096], [1], label=f"32-row far blocks below {below} per SM")
-        end_to_end([2048], [2], label=f"32-row far blocks below {below} per SM")
-
-
 def _tiles(t):
     return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
 
@@ -311,8 +295,6 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
-    parser.add_argument("--far-tiles", action="store_true",
-                        help="the far tiles' Triton kernel on 32-row query blocks below several thresholds, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
@@ -328,9 +310,6 @@ def main():
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
-        return
-    if args.far_tiles:
-        far_tiles_sweep([0, 2.0, 4.0])
         return
     if args.near_registers:
         for cap in (None, 168, 128):
