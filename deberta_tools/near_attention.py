@@ -20,8 +20,9 @@ share one query block's near blocks (`splits_for`) and the Triton kernel merges 
 float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the window band's band was 107 MiB.
 The first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
 does. The default on Hopper (`fused_attention.band_kernel_for`) except where every tile is near and query blocks
-are few (batch 1 x 512 tokens for the demo config), where the window band is 3% faster; at 32 x 512 tokens the layer takes 4.38 ms against 4.84 with the window band on an H100
-(results/fused-attention-h100/NOTES.md, v12).
+are few (batch 1 x 512 tokens for the demo config), where the window band is 3% faster; at 32 x 512 tokens a forward
+of the demo config takes 4.38 ms against 4.84 with the window band on an H100 (results/fused-attention-h100/NOTES.md,
+v12).
 
 Gluon does not run under TRITON_INTERPRET: CI compiles this kernel for sm_90 (test_fused.py) and the GPU tests
 compare the result with the Triton path.

@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation]
+                                      [--near-ablation] [--near-registers]
 """
 
 import argparse
