@@ -54,11 +54,33 @@ if wb.gluon is not None:
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
         (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l, which the
         compiler does with four 16-byte stores and four ldmatrix a thread."""
+        p_s = _product_buffer(dtype, BLOCK)
+        p_s.store(prod.to(dtype))
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l)
+
+    @gluon.jit
+    def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
+        """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves, already in dtype), not TRANSPOSE: each
+        half stored straight from its MMA layout into its columns of the padded buffer."""
+        p_s = _product_buffer(dtype, BLOCK)
+        p_s.slice(0, BLOCK, dim=1).store(lo)
+        p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l)
+
+    @gluon.jit
+    def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr):
+        """A [BLOCK, 2 * BLOCK] shared buffer with a row pitch of 2 * BLOCK + 2, once every warp is done with what
+        the compiler may give its place."""
         WIN: gl.constexpr = 2 * BLOCK
         st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
-        rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
         gl.thread_barrier()
-        p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], st_l, prod.to(dtype))
+        return gl.allocate_shared_memory(dtype, [BLOCK, WIN], st_l)
+
+    @gluon.jit
+    def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
+        """The skewed read of _skew_mma from the stored buffer p_s."""
+        WIN: gl.constexpr = 2 * BLOCK
+        rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:
@@ -74,23 +96,26 @@ if wb.gluon is not None:
                                                mask=(r < S)[:, None])
 
     @gluon.jit
+    def _copy_rows(dst, base, first, idx, stride, dd):
+        """dst[n, :] = base[first + idx[n], :] (asynchronous)."""
+        async_copy.async_copy_global_to_shared(dst, base + (first + idx)[:, None] * stride + dd[None, :])
+
+    @gluon.jit
     def _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_p, d0, DIST_LO, DIST_N, wins, dd,
                       HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, BLOCK: gl.constexpr):
         """The [2 * BLOCK, D] windows of position rows of the tile at distance d0 = i0 - j0 (asynchronous)."""
         if HAS_C2P:
-            idx = wb._c2p_window(d0, DIST_LO, DIST_N, BLOCK) + wins
-            async_copy.async_copy_global_to_shared(wc_s, c2p_rows + idx[:, None] * stride_p + dd[None, :])
+            _copy_rows(wc_s, c2p_rows, wb._c2p_window(d0, DIST_LO, DIST_N, BLOCK), wins, stride_p, dd)
         if HAS_P2C:
-            idx = wb._p2c_window(d0, DIST_LO, DIST_N, BLOCK) + wins
-            async_copy.async_copy_global_to_shared(wp_s, p2c_rows + idx[:, None] * stride_p + dd[None, :])
+            _copy_rows(wp_s, p2c_rows, wb._p2c_window(d0, DIST_LO, DIST_N, BLOCK), wins, stride_p, dd)
 
     @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
-        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, num_warps: gl.constexpr,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, REUSE_C2P: gl.constexpr,
+        HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -148,7 +173,10 @@ if wb.gluon is not None:
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-        wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
+        if REUSE_C2P:  # two [BLOCK, D] halves of the window
+            wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
+        else:
+            wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK, 16])
@@ -161,17 +189,38 @@ if wb.gluon is not None:
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
         k_col = (H + h) * HEAD_DIM
         v_col = (2 * H + h) * HEAD_DIM
+        # REUSE_C2P: C2P's window moves by BLOCK rows from one key block to the next (Q stays), so half of each
+        # block's product is the previous block's: the product of window rows c2p_first + n * BLOCK ... + BLOCK - 1
+        # is computed once (block start + n - 1 takes it as its upper half, start + n as its lower half) and kept in
+        # registers, rounded to dtype as the skew stores it anyway. The near run never reaches a window clamp
+        # (by_distance keeps two blocks beyond both saturation bounds), so the windows are consecutive.
+        c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
+        c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
         # Copies straight to shared memory (cp.async), a block ahead: the next block's K and windows are issued as
         # soon as this block's products have read them, its V once P.V has, and land while this block's skews and
         # softmax run.
         if start < stop:
             _copy_tile(k_s, qkv_b, start * BLOCK + rows, stride_qkv_s, k_col, dd, S)
-            _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N, wins, dd,
-                          HAS_C2P, HAS_P2C, BLOCK)
+            if REUSE_C2P:
+                if HAS_C2P:
+                    _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+                    _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
+                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N,
+                              wins, dd, False, HAS_P2C, BLOCK)
+            else:
+                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N,
+                              wins, dd, HAS_C2P, HAS_P2C, BLOCK)
             _copy_tile(v_s, qkv_b, start * BLOCK + rows, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
+            if REUSE_C2P and HAS_C2P:
+                async_copy.wait_group(0)
+                fence_async_shared()
+                gl.thread_barrier()
+                c2p_half = warpgroup_mma(q_s, wc_s.index(0).permute((1, 0)),
+                                         gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
         for blk in range(start, stop):
             j0 = blk * BLOCK
+            n = blk - start
             key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
             more = blk + 1 < stop
             async_copy.wait_group(0)
@@ -179,14 +228,26 @@ if wb.gluon is not None:
             gl.thread_barrier()
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
             if HAS_C2P:
-                s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps), dtype, False, BLOCK, s_l)
+                if REUSE_C2P:
+                    upper = warpgroup_mma(q_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                                          gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
+                    s += _skew_halves(c2p_half, upper, dtype, BLOCK, s_l)
+                    c2p_half = upper
+                else:
+                    s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps), dtype, False, BLOCK, s_l)
             if HAS_P2C:
                 p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
                 _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
-                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N, wins,
-                              dd, HAS_C2P, HAS_P2C, BLOCK)
+                if REUSE_C2P:
+                    if HAS_C2P:  # the next block's upper half, where this block's lower half was
+                        _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
+                    _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N,
+                                  wins, dd, False, HAS_P2C, BLOCK)
+                else:
+                    _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N,
+                                  wins, dd, HAS_C2P, HAS_P2C, BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:
                 s += _skew_mma(p2c, dtype, True, BLOCK, s_l)
@@ -289,6 +350,10 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
+# C2P's window product computed a half at a time, each half used by two consecutive key blocks (the kernel's
+# REUSE_C2P).
+REUSE_C2P = True
+
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -308,5 +373,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        REUSE_C2P=REUSE_C2P, HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

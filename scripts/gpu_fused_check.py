@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-registers]
+                                      [--near-ablation] [--near-variants] [--near-registers]
 """
 
 import argparse
@@ -129,9 +129,10 @@ def variant_timing(seqs, tiles_list, batch=1):
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
 
 
-def near_ablation(cases):
+def near_ablation(cases, terms=4):
     """The near kernel's time with its position terms switched off one at a time (constexpr HAS_C2P / HAS_P2C: the
-    window product and skew of that term are compiled out), for where its time goes; results are then wrong."""
+    window product and skew of that term are compiled out), for where its time goes; results are then wrong. The
+    first `terms` of (both, c2p only, p2c only, none)."""
     rows = []
     heads, dim = 6, 64
     for batch, seq in cases:
@@ -143,7 +144,7 @@ def near_ablation(cases):
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for name, c2p, p2c in (("c2p + p2c", 0, 1), ("c2p only", 0, None), ("p2c only", None, 1),
-                               ("no position terms", None, None)):
+                               ("no position terms", None, None))[:terms]:
             pos = fa.Positions(positions.rule, positions.pos, c2p, p2c)
             if near_attention.finishes(qkv.device, batch, seq, heads, sat):
                 fn = lambda: near_attention.near_output(qkv, mask, ranges, pos, heads, dim, sat, 0.1, out)  # noqa: E731
@@ -295,6 +296,9 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
+    parser.add_argument("--near-variants", action="store_true",
+                        help="the near kernel alone and end to end with C2P's window product reused from one key "
+                             "block to the next or not (near_attention.REUSE_C2P), then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
@@ -310,6 +314,14 @@ def main():
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
+        return
+    if args.near_variants:
+        for reuse in (False, True, False, True):  # twice over: run-to-run noise
+            near_attention.REUSE_C2P = reuse
+            print(f"REUSE_C2P = {reuse}")
+            near_ablation([(1, 2048), (32, 512), (1, 8192)], terms=2)
+            end_to_end([2048, 8192], [1], label=f"REUSE_C2P {reuse}")
+            end_to_end([512], [32], label=f"REUSE_C2P {reuse}")
         return
     if args.near_registers:
         for cap in (None, 168, 128):
