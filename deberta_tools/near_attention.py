@@ -7,7 +7,9 @@ walks its near key blocks and does the whole online-softmax step for each:
 
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
                                                          memory, both products stored straight from their MMA
-                                                         layout (`_skew_mma`)
+                                                         layout (`_skew_mma`); Q.Wcᵀ's window moves by one block
+                                                         from one key block to the next, so each half of it is
+                                                         computed once and used twice
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
 
 K, V and the position windows are copied to shared memory a block ahead (cp.async). Where every tile is near the
@@ -101,21 +103,12 @@ if wb.gluon is not None:
         async_copy.async_copy_global_to_shared(dst, base + (first + idx)[:, None] * stride + dd[None, :])
 
     @gluon.jit
-    def _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_p, d0, DIST_LO, DIST_N, wins, dd,
-                      HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, BLOCK: gl.constexpr):
-        """The [2 * BLOCK, D] windows of position rows of the tile at distance d0 = i0 - j0 (asynchronous)."""
-        if HAS_C2P:
-            _copy_rows(wc_s, c2p_rows, wb._c2p_window(d0, DIST_LO, DIST_N, BLOCK), wins, stride_p, dd)
-        if HAS_P2C:
-            _copy_rows(wp_s, p2c_rows, wb._p2c_window(d0, DIST_LO, DIST_N, BLOCK), wins, stride_p, dd)
-
-    @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
-        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, REUSE_C2P: gl.constexpr,
-        HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+        BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -173,10 +166,7 @@ if wb.gluon is not None:
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-        if REUSE_C2P:  # two [BLOCK, D] halves of the window
-            wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
-        else:
-            wc_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
+        wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK, 16])
@@ -189,11 +179,11 @@ if wb.gluon is not None:
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
         k_col = (H + h) * HEAD_DIM
         v_col = (2 * H + h) * HEAD_DIM
-        # REUSE_C2P: C2P's window moves by BLOCK rows from one key block to the next (Q stays), so half of each
-        # block's product is the previous block's: the product of window rows c2p_first + n * BLOCK ... + BLOCK - 1
-        # is computed once (block start + n - 1 takes it as its upper half, start + n as its lower half) and kept in
-        # registers, rounded to dtype as the skew stores it anyway. The near run never reaches a window clamp
-        # (by_distance keeps two blocks beyond both saturation bounds), so the windows are consecutive.
+        # C2P's window moves by BLOCK rows from one key block to the next (Q stays), so half of each block's product
+        # is the previous block's: the product with window rows c2p_first + n * BLOCK ... + BLOCK - 1 is computed
+        # once (block start + n - 1 takes it as its upper half, start + n as its lower half) and kept in registers,
+        # rounded to dtype as the skew stores it anyway. The near run never reaches a window clamp (by_distance keeps
+        # two blocks beyond both saturation bounds), so the windows are consecutive.
         c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
         # Copies straight to shared memory (cp.async), a block ahead: the next block's K and windows are issued as
@@ -201,18 +191,15 @@ if wb.gluon is not None:
         # softmax run.
         if start < stop:
             _copy_tile(k_s, qkv_b, start * BLOCK + rows, stride_qkv_s, k_col, dd, S)
-            if REUSE_C2P:
-                if HAS_C2P:
-                    _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                    _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
-                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N,
-                              wins, dd, False, HAS_P2C, BLOCK)
-            else:
-                _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - start * BLOCK, DIST_LO, DIST_N,
-                              wins, dd, HAS_C2P, HAS_P2C, BLOCK)
+            if HAS_C2P:
+                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+                _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
+            if HAS_P2C:
+                _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK), wins,
+                           stride_pos_p, dd)
             _copy_tile(v_s, qkv_b, start * BLOCK + rows, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
-            if REUSE_C2P and HAS_C2P:
+            if HAS_C2P:
                 async_copy.wait_group(0)
                 fence_async_shared()
                 gl.thread_barrier()
@@ -228,26 +215,20 @@ if wb.gluon is not None:
             gl.thread_barrier()
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
             if HAS_C2P:
-                if REUSE_C2P:
-                    upper = warpgroup_mma(q_s, wc_s.index((n + 1) % 2).permute((1, 0)),
-                                          gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
-                    s += _skew_halves(c2p_half, upper, dtype, BLOCK, s_l)
-                    c2p_half = upper
-                else:
-                    s += _skew_mma(wb._window_product(q_s, wc_s, BLOCK, num_warps), dtype, False, BLOCK, s_l)
+                upper = warpgroup_mma(q_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                                      gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
+                s += _skew_halves(c2p_half, upper, dtype, BLOCK, s_l)
+                c2p_half = upper
             if HAS_P2C:
                 p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
                 _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
-                if REUSE_C2P:
-                    if HAS_C2P:  # the next block's upper half, where this block's lower half was
-                        _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
-                    _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N,
-                                  wins, dd, False, HAS_P2C, BLOCK)
-                else:
-                    _copy_windows(wc_s, wp_s, c2p_rows, p2c_rows, stride_pos_p, i0 - j0 - BLOCK, DIST_LO, DIST_N,
-                                  wins, dd, HAS_C2P, HAS_P2C, BLOCK)
+                if HAS_C2P:  # the next block's upper half, where this block's lower half was
+                    _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
+                if HAS_P2C:
+                    _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0 - BLOCK, DIST_LO, DIST_N, BLOCK), wins,
+                               stride_pos_p, dd)
                 async_copy.commit_group()
             if HAS_P2C:
                 s += _skew_mma(p2c, dtype, True, BLOCK, s_l)
@@ -350,10 +331,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# C2P's window product computed a half at a time, each half used by two consecutive key blocks (the kernel's
-# REUSE_C2P).
-REUSE_C2P = True
-
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -373,5 +350,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        REUSE_C2P=REUSE_C2P, HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

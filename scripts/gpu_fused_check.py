@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-variants] [--near-registers]
+                                      [--near-ablation] [--near-registers]
 """
 
 import argparse
@@ -296,9 +296,6 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
-    parser.add_argument("--near-variants", action="store_true",
-                        help="the near kernel alone and end to end with C2P's window product reused from one key "
-                             "block to the next or not (near_attention.REUSE_C2P), then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
@@ -314,14 +311,6 @@ def main():
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
-        return
-    if args.near_variants:
-        for reuse in (False, True, False, True):  # twice over: run-to-run noise
-            near_attention.REUSE_C2P = reuse
-            print(f"REUSE_C2P = {reuse}")
-            near_ablation([(1, 2048), (32, 512), (1, 8192)], terms=2)
-            end_to_end([2048, 8192], [1], label=f"REUSE_C2P {reuse}")
-            end_to_end([512], [32], label=f"REUSE_C2P {reuse}")
         return
     if args.near_registers:
         for cap in (None, 168, 128):
