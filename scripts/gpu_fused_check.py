@@ -321,6 +321,8 @@ def main():
             fa.ATTENTION_PARTS, fa.ATTENTION_PROGRAMS_PER_SM = parts, per_sm
             label = "one program per query block" if parts == 1 else f"parts for {per_sm} programs per SM"
             end_to_end([512, 1024, 2048, 4096, 8192], [1], label=label)
+            print(label)
+            profile(2048, 1)
         return
     if args.near_registers:
         for cap in (None, 168, 128):
