@@ -351,43 +351,20 @@ def _attend_block(
 
 
 @triton.jit
-def _merge_state(acc, m_i, l_i, ACC, ML, state, i, dd, ROWS, BLOCK_D: tl.constexpr):
-    """The online-softmax state (acc, m_i, l_i) merged with the one at rows `state + i` of ACC / ML (as the near
-    kernel writes them: acc [rows, D], then running max and running sum, each [rows], per state)."""
-    m_k = tl.load(ML + 2 * state + i, cache_modifier=".cg")
-    m_new = tl.maximum(m_i, m_k)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    beta = tl.math.exp2(m_k - m_safe)
-    l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i, cache_modifier=".cg") * beta
-    acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :],
-                                         cache_modifier=".cg") * beta[:, None]
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS,
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
-    PART_ACC, PART_ML, COUNTS, PARTS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr, PARTED: tl.constexpr,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
-    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`).
-
-    PARTED: PARTS programs share a query block's key blocks (runs of its saturated blocks at the top index, at
-    index 0, then its band tiles, cut into PARTS consecutive pieces; the first part also merges the near states).
-    Each writes its softmax state to PART_ACC / PART_ML and counts itself in COUNTS[query block] (zero before the
-    launch); the last to arrive merges the others' states into its own, writes the rows and sets the count back to
-    zero. No program waits on another."""
-    pid_m = tl.program_id(0) // PARTS
-    part = tl.program_id(0) % PARTS
+    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
+    pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
@@ -429,68 +406,49 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged (the first part)
-        for k in range(tl.where(part == 0, SPLITS, 0)):
-            acc, m_i, l_i = _merge_state(acc, m_i, l_i, ACC, ML, (pid_bg.to(tl.int64) * SPLITS + k) * ROWS, i, dd,
-                                         ROWS, BLOCK_D)
-    near_stop = lo_start
-    if NEAR_STATE:
-        near_stop = hi_end
-    # This part's share of the three runs [blk_first, hi_end), [lo_start, blk_end), [hi_end, near_stop), taken in
-    # that order: [lo, hi) of their concatenation.
-    n_top = hi_end - blk_first
-    n_low = n_top + blk_end - lo_start
-    per = tl.cdiv(n_low + near_stop - hi_end, PARTS)
-    lo = part * per
-    hi = lo + per
+    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged
+        for part in range(SPLITS):
+            state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+            m_k = tl.load(ML + 2 * state + i)
+            m_new = tl.maximum(m_i, m_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            beta = tl.math.exp2(m_k - m_safe)
+            l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+            acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
+            m_i = m_new
     # Saturated tiles in two plain loops: one loop over both ends with a select per block stopped Triton from
     # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
-    for blk in range(blk_first + tl.minimum(lo, n_top), blk_first + tl.minimum(hi, n_top)):
+    for blk in range(blk_first, hi_end):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    for blk in range(tl.minimum(tl.maximum(lo + lo_start - n_top, lo_start), blk_end),
-                     tl.minimum(tl.maximum(hi + lo_start - n_top, lo_start), blk_end)):
+    for blk in range(lo_start, blk_end):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    for blk in range(tl.minimum(tl.maximum(lo + hi_end - n_low, hi_end), near_stop),
-                     tl.minimum(tl.maximum(hi + hi_end - n_low, hi_end), near_stop)):
+    near_stop = lo_start
+    if NEAR_STATE:
+        near_stop = hi_end
+    for blk in range(hi_end, near_stop):
         acc, m_i, l_i = _attend_block(
             acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    last_part = True
-    if PARTED:
-        block_id = pid_bg.to(tl.int64) * tl.cdiv(S, BLOCK_M) + pid_m
-        mine = (pid_bg.to(tl.int64) * PARTS + part) * ROWS
-        tl.store(PART_ACC + (mine + i)[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(PART_ML + 2 * mine + i, m_i)
-        tl.store(PART_ML + 2 * mine + ROWS + i, l_i)
-        tl.debug_barrier()  # every thread's stores issued before the count (release, GPU scope)
-        last_part = tl.atomic_add(COUNTS + block_id, 1, sem="acq_rel") == PARTS - 1
-        if last_part:
-            for k in range(PARTS):
-                if k != part:
-                    acc, m_i, l_i = _merge_state(acc, m_i, l_i, PART_ACC, PART_ML,
-                                                 (pid_bg.to(tl.int64) * PARTS + k) * ROWS, i, dd, ROWS, BLOCK_D)
-            tl.store(COUNTS + block_id, 0)  # ready for the next launch
-    if last_part:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_sum = tl.zeros([BLOCK_D], tl.float32)
-            for n in range(0, tl.cdiv(S, BLOCK_N)):
-                jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
-                v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None],
-                            other=0.0)
-                v_sum += tl.sum(v.to(tl.float32), 0)
-            out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-        tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
-                 out.to(OUT.dtype.element_ty), mask=io_mask)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
 
 
 @dataclass(frozen=True)
@@ -667,27 +625,6 @@ def band_kernel_for(qkv: torch.Tensor, heads: int, head_dim: int, tiles: Tiles, 
     return "near"
 
 
-# How many programs share one query block's key blocks in the attention kernel (`_attention_kernel`, PARTED):
-# None for `attention_parts`' choice, or a number (tests: the interpreter's default is one).
-ATTENTION_PARTS = None
-
-# Programs per multiprocessor the attention kernel aims for when query blocks x batch x heads alone are fewer (see
-# attention_parts).
-ATTENTION_PROGRAMS_PER_SM = 2
-
-
-def attention_parts(device: torch.device, query_blocks: int, programs: int, key_blocks: int) -> int:
-    """How many programs share one query block's key blocks in the attention kernel: ATTENTION_PARTS when set, else
-    on a GPU enough for ATTENTION_PROGRAMS_PER_SM programs per multiprocessor when `query_blocks` x `programs`
-    (batch x heads) alone are fewer, at most one per key block; one on the CPU."""
-    if ATTENTION_PARTS is not None:
-        return max(1, min(ATTENTION_PARTS, key_blocks))
-    if device.type != "cuda":
-        return 1
-    want = ATTENTION_PROGRAMS_PER_SM * near_attention.multiprocessors(device)
-    return max(1, min(key_blocks, -(-want // (query_blocks * programs))))
-
-
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int | None = None,
@@ -738,24 +675,16 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        query_blocks = triton.cdiv(seq, tiles.block_m)
-        parts = attention_parts(qkv.device, query_blocks, batch * g, triton.cdiv(seq, tiles.block_n))
-        rows = rows or _table_rows(seq)
-        parted = (qkv, qkv, qkv)  # placeholders
-        if parts > 1:
-            parted = (torch.empty((batch * g, parts, rows, triton.next_power_of_2(head_dim)), device=qkv.device,
-                                  dtype=torch.float32),
-                      torch.empty((batch * g, parts, 2, rows), device=qkv.device, dtype=torch.float32),
-                      torch.zeros(batch * g * query_blocks, device=qkv.device, dtype=torch.int32))
-        _attention_kernel[(query_blocks * parts, batch * g)](
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
-            band, band.stride(0), slots, *state, *parted, parts,
+            band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
-            PARTED=parts > 1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

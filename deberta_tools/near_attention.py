@@ -273,7 +273,7 @@ if wb.gluon is not None:
 
 
 @lru_cache(maxsize=None)
-def multiprocessors(device: torch.device) -> int:
+def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -284,7 +284,7 @@ PROGRAMS_PER_SM = 4
 def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int) -> int:
     """How many programs share one query block's near key blocks: enough for PROGRAMS_PER_SM programs per
     multiprocessor when `query_blocks` x `programs` (batch x heads) alone are fewer, at most one per near block."""
-    want = PROGRAMS_PER_SM * multiprocessors(device)
+    want = PROGRAMS_PER_SM * _multiprocessors(device)
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
@@ -320,7 +320,7 @@ def finishes(device: torch.device, batch: int, seq: int, heads: int, saturation:
     (FINISH_PROGRAMS_PER_SM)."""
     programs = triton.cdiv(seq, wb.BLOCK) * batch * heads
     return (fa.all_near(saturation, seq, wb.BLOCK, wb.BLOCK)
-            and programs >= FINISH_PROGRAMS_PER_SM * multiprocessors(device))
+            and programs >= FINISH_PROGRAMS_PER_SM * _multiprocessors(device))
 
 
 def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,

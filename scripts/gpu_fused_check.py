@@ -12,7 +12,6 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers]
-                                      [--attention-parts]
 """
 
 import argparse
@@ -297,9 +296,6 @@ def main():
                         help="end to end with the near attention for several splits of the near blocks, then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
-    parser.add_argument("--attention-parts", action="store_true",
-                        help="end to end with one program per query block in the attention kernel after the near "
-                             "one, then with several (fused_attention.ATTENTION_PROGRAMS_PER_SM 2, 3, 4), then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     args = parser.parse_args()
@@ -315,14 +311,6 @@ def main():
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
-        return
-    if args.attention_parts:
-        for parts, per_sm in ((1, 2), (None, 2), (None, 3), (None, 4)):
-            fa.ATTENTION_PARTS, fa.ATTENTION_PROGRAMS_PER_SM = parts, per_sm
-            label = "one program per query block" if parts == 1 else f"parts for {per_sm} programs per SM"
-            end_to_end([512, 1024, 2048, 4096, 8192], [1], label=label)
-            print(label)
-            profile(2048, 1)
         return
     if args.near_registers:
         for cap in (None, 168, 128):

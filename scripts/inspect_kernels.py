@@ -6,8 +6,7 @@ recorded launch ahead of time with Triton's own compiler and ptxas (both ship in
 architecture. Per kernel: registers, spills, shared memory, and the global loads by vector width in the PTX, so a
 change that stops a table read from vectorising shows up without a GPU.
 
-    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near]
-                                     [--attention-parts N] [--dump DIR]
+    python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
 """
 
 import argparse
@@ -81,7 +80,7 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
     window_band.supported = lambda *args: band in ("window", "near")
-    near_attention.multiprocessors = lambda device: 132  # an H100 SXM's
+    near_attention._multiprocessors = lambda device: 132  # an H100 SXM's
     fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
                                            .to(torch.int32), rule.saturation[1])
     rule = fa.PositionRule(256, 256, 512)
@@ -116,9 +115,6 @@ def main():
     parser.add_argument("--band", choices=["triton", "window", "near"], default="triton",
                         help="near tiles: Triton (position tables + gathers), the Gluon window band, or the Gluon "
                              "near attention")
-    parser.add_argument("--attention-parts", type=int,
-                        help="programs sharing a query block's key blocks in the attention kernel (its PARTED form; "
-                             "on a GPU fused_attention.attention_parts chooses)")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
@@ -127,7 +123,6 @@ def main():
     tiles = None
     if args.block_m:
         tiles = fa.Tiles(args.block_m, args.block_n or 64, args.num_warps or 4, args.num_stages or 2)
-    fa.ATTENTION_PARTS = args.attention_parts
     calls = record_launches(b, s, h, d, dtype, args.band, tiles)
 
     rows, seen = [], set()

@@ -131,21 +131,6 @@ def test_mostly_padded_sequences_match_float64():
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("name,extra,seq,lengths", [
-    ("v3", SMALL_SPAN, 70, None),                   # saturated runs at both ends and the band's near tiles
-    ("p2c_only", SMALL_SPAN, 73, None),
-    ("v3", SMALL_SPAN, 150, [150, 20, 131, 0]),     # padding: empty pieces, a sequence with no token
-    ("no_relative", {}, 33, None),
-])
-def test_attention_parts_match_float64(monkeypatch, parts, name, extra, seq, lengths):
-    """Several programs per query block in the attention kernel, each taking a piece of its key blocks and the last
-    to finish merging the others' states: the same float64 bound as one program per block."""
-    monkeypatch.setattr(fa, "ATTENTION_PARTS", parts)
-    err, _ = _attention_case(name, batch=4 if lengths else 3, seq=seq, lengths=lengths, **extra)
-    assert err < 1e-5, f"{name}, {parts} parts: relative L2 {err:.2e}"
-
-
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
