@@ -323,7 +323,7 @@ def main():
         return
     if args.near_sweep:
         fa.BAND_KERNEL = "near"
-        for per_sm in (1, 2, 4, 8):
+        for per_sm in (1, 2, 4, 5, 6, 8):
             near_attention.PROGRAMS_PER_SM = per_sm
             end_to_end([512, 1024, 2048, 8192], [1], label=f"near, {per_sm} programs per SM")
             end_to_end([512], [32], label=f"near, {per_sm} programs per SM")
