@@ -129,10 +129,9 @@ def variant_timing(seqs, tiles_list, batch=1):
     print(report.table(["seq", "tiles", "case", "us per call", "SDPA us", "/ SDPA"], rows))
 
 
-def near_ablation(cases, terms=4):
+def near_ablation(cases):
     """The near kernel's time with its position terms switched off one at a time (constexpr HAS_C2P / HAS_P2C: the
-    window product and skew of that term are compiled out), for where its time goes; results are then wrong. The
-    first `terms` of (both, c2p only, p2c only, none)."""
+    window product and skew of that term are compiled out), for where its time goes; results are then wrong."""
     rows = []
     heads, dim = 6, 64
     for batch, seq in cases:
@@ -144,7 +143,7 @@ def near_ablation(cases, terms=4):
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for name, c2p, p2c in (("c2p + p2c", 0, 1), ("c2p only", 0, None), ("p2c only", None, 1),
-                               ("no position terms", None, None))[:terms]:
+                               ("no position terms", None, None)):
             pos = fa.Positions(positions.rule, positions.pos, c2p, p2c)
             if near_attention.finishes(qkv.device, batch, seq, heads, sat):
                 fn = lambda: near_attention.near_output(qkv, mask, ranges, pos, heads, dim, sat, 0.1, out)  # noqa: E731
