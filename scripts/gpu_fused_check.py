@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-registers]
+                                      [--near-ablation] [--near-registers] [--dependent-launch]
 """
 
 import argparse
@@ -25,7 +25,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import export, fused_attention as fa, fused_model, near_attention, report  # noqa: E402
-from deberta_tools import window_band  # noqa: E402
+from deberta_tools import dependent_launch, window_band  # noqa: E402
 from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
@@ -218,6 +218,42 @@ def profile(seq, batch):
     print(report.table(["kernel", "launches", "us per forward", "share"], rows))
 
 
+def launch_gaps(seq, batch, label):
+    """Kernels of one replayed CUDA graph of a forward on the GPU's clock (torch.profiler): the span from the first
+    kernel's start to the last one's end against the kernels' summed durations, and the time between one kernel's
+    end and the next one's start (negative where a dependent launch started early), by who launches the next one."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = _model()
+    runner = fused_model.GraphRunner(fused_model.fuse(model))
+    ids, mask = _cuda_inputs(model, batch, seq, seed=1)
+    for _ in range(5):
+        runner(ids, mask)
+    torch.cuda.synchronize()
+    replays = 20
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            runner(ids, mask)
+            torch.cuda.synchronize()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower())
+    per = len(kernels) // replays
+    ours = ("_attention_kernel", "_near_attention_kernel", "_window_band_kernel", "_add_layer_norm_kernel",
+            "_valid_ranges_kernel")
+    spans, busy, gaps = [], [], {True: [], False: []}
+    for r in range(replays):
+        run = kernels[r * per:(r + 1) * per]
+        spans.append(max(e for _, e, _ in run) - run[0][0])
+        busy.append(sum(e - s for s, e, _ in run))
+        for (_, end, _), (start, _, name) in zip(run, run[1:]):
+            gaps[name.startswith(ours)].append(start - end)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(report.table(["", "batch", "seq", "kernels", "span us", "kernel time us", "gap before ours us (median, n)",
+                        "gap before others us (median, n)"],
+                       [[label, str(batch), str(seq), str(per), f"{med(spans):.1f}", f"{med(busy):.1f}",
+                         f"{med(gaps[True]):.2f} ({len(gaps[True]) // replays})",
+                         f"{med(gaps[False]):.2f} ({len(gaps[False]) // replays})"]]))
+
+
 def memory(seq):
     """Where the peak goes at one long sequence: weights, the fused weights, one forward."""
     torch.cuda.empty_cache()
@@ -297,6 +333,8 @@ def main():
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
+    parser.add_argument("--dependent-launch", action="store_true",
+                        help="end to end and launch gaps with programmatic dependent launch off and on, then stop")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     fa.BAND_KERNEL = args.band
@@ -307,6 +345,16 @@ def main():
             fa.BAND_KERNEL = band
             end_to_end([512, 1024, 2048, 4096, 8192], [1], label=f"default tiles, {band} band")
             end_to_end([512], [32], label=f"default tiles, {band} band")
+        return
+    if args.dependent_launch:
+        for _ in range(2):
+            for flag in (False, True):
+                dependent_launch.ENABLED = flag
+                label = f"dependent launch {'on' if flag else 'off'}"
+                end_to_end([512, 1024, 2048, 8192], [1], label=label)
+                end_to_end([512], [32], label=label)
+                launch_gaps(512, 1, label)
+                launch_gaps(2048, 1, label)
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])
