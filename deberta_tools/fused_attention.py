@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import dependent_launch, near_attention, window_band
+from . import near_attention, window_band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -137,9 +137,8 @@ class Positions:
 
 
 @triton.jit
-def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr, PDL: tl.constexpr):
+def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr):
     """RANGES[b] = (first, last): the first and last valid token of sequence b's mask (S and -1 when it has none)."""
-    dependent_launch.wait_for_previous(PDL)
     b = tl.program_id(0)
     first = S + 0
     last = S * 0 - 1
@@ -158,7 +157,7 @@ def valid_ranges(mask: torch.Tensor) -> torch.Tensor:
     batch, seq = mask.shape
     ranges = torch.empty((batch, 2), device=mask.device, dtype=torch.int32)
     _valid_ranges_kernel[(batch,)](mask, mask.stride(0), ranges, seq, SCAN=64 if INTERPRET else 1024,
-                                   num_warps=1 if INTERPRET else 4, **dependent_launch.options(mask.device))
+                                   num_warps=1 if INTERPRET else 4)
     return ranges
 
 
@@ -170,7 +169,7 @@ def _position_tables_kernel(
     TAB, stride_tab_t, EDGES, stride_edge_b, stride_edge_h,
     S, H0, G, ROWS, P, TOP, P2C_TERM,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    EVEN_P: tl.constexpr, KEY_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
@@ -178,7 +177,6 @@ def _position_tables_kernel(
     contiguous float32 rows, what saturated tiles read: EDGES[b, g, 0 / 1, r] for P2C (per key), EDGES[b, g, 2 / 3,
     r] for C2P (per query). Rows past the last block of KEY_BLOCK keys (at least the
     attention kernel's key block) holding a valid token are never read: skipped."""
-    dependent_launch.wait_for_previous(PDL)
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     term = tl.program_id(2)
@@ -268,14 +266,13 @@ def _near_band_kernel(
     MASK, stride_mask_b, RANGES,
     BAND, stride_band_bg, NB,
     S, G, SAT_HI, SAT_LO,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The position terms of the tiles near the diagonal, in the attention kernel's own (query, key) tiles:
     BAND[b, g, i, slot * BLOCK_N + t] = C2P[i, idx(i - j)] + P2C[j, idx(i - j)] (P2C carries the key mask) for key
     j = (first near block of i's row block + slot) * BLOCK_N + t. The gathers through the index table happen here,
     in parallel and away from the softmax; the attention kernel then reads each near tile with aligned vector
     loads."""
-    dependent_launch.wait_for_previous(PDL)
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -363,11 +360,10 @@ def _attention_kernel(
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
     starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
-    dependent_launch.wait_for_previous(PDL)
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -550,8 +546,7 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, po
         band, band.stride(0), slots,
         seq, group, sat[0], sat[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4,
-        **dependent_launch.options(tables.device))
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, num_warps=1 if INTERPRET else 4)
     return band
 
 
@@ -582,7 +577,7 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
         EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
-        num_warps=1 if INTERPRET else 4, **dependent_launch.options(qkv.device))
+        num_warps=1 if INTERPRET else 4)
     return tab, edges
 
 
@@ -691,7 +686,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **dependent_launch.options(qkv.device))
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 

@@ -25,13 +25,12 @@ import triton.language as tl
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import dependent_launch, fused_attention as fa
+from . import fused_attention as fa
 from .errors import UserError
 
 
 @triton.jit
-def _add_layer_norm_kernel(X, R, W, B, Y, N, eps, stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    dependent_launch.wait_for_previous(PDL)
+def _add_layer_norm_kernel(X, R, W, B, Y, N, eps, stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -55,8 +54,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm,
     y = torch.empty_like(x2) if out is None else out.view(-1, width)
     block = triton.next_power_of_2(width)
     _add_layer_norm_kernel[(x2.shape[0],)](x2, r2, norm.weight, norm.bias, y, width, norm.eps, width, BLOCK=block,
-                                           num_warps=1 if fa.INTERPRET else min(8, max(1, block // 256)),
-                                           **dependent_launch.options(x.device))
+                                           num_warps=1 if fa.INTERPRET else min(8, max(1, block // 256)))
     return y.view(x.shape)
 
 

@@ -37,7 +37,7 @@ from functools import lru_cache
 import torch
 import triton
 
-from . import dependent_launch, fused_attention as fa
+from . import fused_attention as fa
 from . import window_band as wb
 
 if wb.gluon is not None:
@@ -108,13 +108,12 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
         FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
-        dependent_launch.gluon_wait_for_previous(PDL)
         WIN: gl.constexpr = 2 * BLOCK
         m = gl.program_id(0) // SPLITS
         part = gl.program_id(0) % SPLITS
@@ -351,5 +350,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4, **dependent_launch.options(qkv.device),
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 import triton
 
-from . import dependent_launch, fused_attention as fa
+from . import fused_attention as fa
 
 try:
     from triton.experimental import gluon
@@ -134,13 +134,12 @@ if gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, BAND, stride_band_bg, NB,
         EDGES, stride_edge_b, stride_edge_h, ROWS, S, H, H0, G, SAT_HI, SAT_LO,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-        PDL: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """BAND[b, g, i, slot * BLOCK + c] = c2p + p2c (+ -inf for padded keys) of near tile (row block, slot), as
         `fused_attention._near_band_kernel` writes it. POS holds the projections by distance (`by_distance`). The
         diagonal tile's program also writes the saturated tiles' vectors of its rows and keys, as
         `fused_attention.position_tables` writes EDGES: P2C at the top index and at 0 (+ key mask), C2P at both."""
-        dependent_launch.gluon_wait_for_previous(PDL)
         WIN: gl.constexpr = 2 * BLOCK
         pid = gl.program_id(0)
         pid_bg = gl.program_id(1)
@@ -230,5 +229,5 @@ def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posit
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, band, band.stride(0), slots,
         edges, edges.stride(0), edges.stride(1), rows, seq, heads, h0, group, saturation[0], saturation[1],
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK=BLOCK, num_warps=4, **dependent_launch.options(qkv.device))
+        HEAD_DIM=head_dim, BLOCK=BLOCK, num_warps=4)
     return band, edges

@@ -11,7 +11,7 @@
 
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
-                                      [--near-ablation] [--near-registers] [--dependent-launch]
+                                      [--near-ablation] [--near-registers] [--launch-gaps]
 """
 
 import argparse
@@ -25,7 +25,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import export, fused_attention as fa, fused_model, near_attention, report  # noqa: E402
-from deberta_tools import dependent_launch, window_band  # noqa: E402
+from deberta_tools import window_band  # noqa: E402
 from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
@@ -333,8 +333,8 @@ def main():
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
-    parser.add_argument("--dependent-launch", action="store_true",
-                        help="end to end and launch gaps with programmatic dependent launch off and on, then stop")
+    parser.add_argument("--launch-gaps", action="store_true",
+                        help="kernel time against the span of a replayed forward, and the gaps between kernels")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
     fa.BAND_KERNEL = args.band
@@ -346,15 +346,9 @@ def main():
             end_to_end([512, 1024, 2048, 4096, 8192], [1], label=f"default tiles, {band} band")
             end_to_end([512], [32], label=f"default tiles, {band} band")
         return
-    if args.dependent_launch:
-        for _ in range(2):
-            for flag in (False, True):
-                dependent_launch.ENABLED = flag
-                label = f"dependent launch {'on' if flag else 'off'}"
-                end_to_end([512, 1024, 2048, 8192], [1], label=label)
-                end_to_end([512], [32], label=label)
-                launch_gaps(512, 1, label)
-                launch_gaps(2048, 1, label)
+    if args.launch_gaps:
+        for seq in (512, 2048):
+            launch_gaps(seq, 1, "default")
         return
     if args.near_ablation:
         near_ablation([(1, 512), (1, 2048), (32, 512), (1, 8192)])

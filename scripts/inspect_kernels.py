@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import dependent_launch, fused_attention as fa, near_attention, report, window_band  # noqa: E402
+from deberta_tools import fused_attention as fa, near_attention, report, window_band  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -46,9 +46,9 @@ class _Recorder:
 def _source(fn, args, kwargs):
     names = fn.arg_names
     signature, constexprs, attrs = {}, {}, {}
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg", "launch_pdl") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     for n, name in enumerate(names):
-        if name in kwargs:  # launch options (launch_pdl) are not among the arguments
+        if name in kwargs:
             signature[name] = "constexpr"
             constexprs[name] = kwargs[name]
             continue
@@ -71,12 +71,10 @@ def _source(fn, args, kwargs):
 
 
 def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, band: str = "triton",
-                    tiles: "fa.Tiles | None" = None, pdl: bool = True) -> list:
+                    tiles: "fa.Tiles | None" = None) -> list:
     """Run `fused_attention.attention` on CPU tensors with every kernel launch recorded instead of run (the
-    demo config's position rule); band "window" or "near" takes that Gluon kernel as if on a Hopper GPU, and
-    `pdl` launches them as dependent launches (`dependent_launch`) as there."""
+    demo config's position rule); band "window" or "near" takes that Gluon kernel as if on a Hopper GPU."""
     calls = []
-    dependent_launch.enabled = lambda device: pdl
     for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
@@ -117,7 +115,6 @@ def main():
     parser.add_argument("--band", choices=["triton", "window", "near"], default="triton",
                         help="near tiles: Triton (position tables + gathers), the Gluon window band, or the Gluon "
                              "near attention")
-    parser.add_argument("--no-pdl", action="store_true", help="kernels without programmatic dependent launch")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
@@ -126,7 +123,7 @@ def main():
     tiles = None
     if args.block_m:
         tiles = fa.Tiles(args.block_m, args.block_n or 64, args.num_warps or 4, args.num_stages or 2)
-    calls = record_launches(b, s, h, d, dtype, args.band, tiles, pdl=not args.no_pdl)
+    calls = record_launches(b, s, h, d, dtype, args.band, tiles)
 
     rows, seen = [], set()
     for fn, grid, a, kw in calls:
@@ -141,14 +138,14 @@ def main():
         usage = _resource_usage(kernel.asm["cubin"])
         rows.append([fn.__name__, str(grid), ", ".join(f"{k}={kw[k]}" for k in kw if k.startswith("BLOCK")),
                      usage.get("REG", "?"), usage.get("STACK", "?"), str(kernel.metadata.shared), str(loads[4]),
-                     str(loads[2]), str(scalar), str("wgmma" in ptx), str("griddepcontrol.wait" in ptx)])
+                     str(loads[2]), str(scalar), str("wgmma" in ptx)])
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             for kind in ("ttgir", "ptx"):
                 (args.dump / f"{fn.__name__}.{kind}").write_text(kernel.asm[kind])
     print(f"sm_{args.arch}, {args.dtype}, {args.band} band, batch {b}, seq {s}, {h} heads of {d}, triton {triton.__version__}")
     print(report.table(["kernel", "grid", "tiles", "registers", "stack bytes", "shared bytes", "ld.v4", "ld.v2",
-                        "scalar loads", "wgmma", "waits for previous"], rows))
+                        "scalar loads", "wgmma"], rows))
 
 
 if __name__ == "__main__":

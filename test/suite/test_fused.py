@@ -225,9 +225,7 @@ def test_gluon_kernels_compile_for_hopper():
                     for line in out.stdout.splitlines() if line.startswith("| _")}
             assert kernel in rows and "_near_band_kernel" not in rows and "_position_tables_kernel" not in rows
             assert ("_attention_kernel" in rows) == (seq == "700"), "the Triton kernel after the near one, or not"
-            assert rows[kernel][-3].strip() == "True", f"no wgmma in {kernel}'s PTX"
-            # programmatic dependent launch: every kernel waits for the one before it (dependent_launch)
-            assert all(row[-2].strip() == "True" for row in rows.values()), rows
+            assert rows[kernel][-2].strip() == "True", f"no wgmma in {kernel}'s PTX"
 
 
 def test_wrong_span_is_caught(monkeypatch):
