@@ -7,7 +7,7 @@ walks its near key blocks and does the whole online-softmax step for each:
 
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
                                                          memory, both products stored straight from their MMA
-                                                         layout (`_skew_mma`); Q.Wcᵀ's window moves by one block
+                                                         layout (`window_band._skew_mma`); Q.Wcᵀ's window moves by one block
                                                          from one key block to the next, so each half of it is
                                                          computed once and used twice
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
@@ -45,51 +45,6 @@ if wb.gluon is not None:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
-
-    @gluon.jit
-    def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
-        """out[r, c] = prod[r, BLOCK - r + c], or with TRANSPOSE prod[c, BLOCK + r - c], in out_l (an MMA layout
-        whose warps own 16-row slices), through shared memory. prod is stored straight from its MMA layout with a row
-        pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned) and read with a pitch of
-        2 * BLOCK + 1: view row r, column BLOCK + c is prod[r, BLOCK - r + c] (with TRANSPOSE view row c, column
-        BLOCK + r is prod[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
-        misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
-        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l, which the
-        compiler does with four 16-byte stores and four ldmatrix a thread."""
-        p_s = _product_buffer(dtype, BLOCK)
-        p_s.store(prod.to(dtype))
-        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l)
-
-    @gluon.jit
-    def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
-        """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves, already in dtype), not TRANSPOSE: each
-        half stored straight from its MMA layout into its columns of the padded buffer."""
-        p_s = _product_buffer(dtype, BLOCK)
-        p_s.slice(0, BLOCK, dim=1).store(lo)
-        p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
-        return _read_skewed(p_s, dtype, False, BLOCK, out_l)
-
-    @gluon.jit
-    def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr):
-        """A [BLOCK, 2 * BLOCK] shared buffer with a row pitch of 2 * BLOCK + 2, once every warp is done with what
-        the compiler may give its place."""
-        WIN: gl.constexpr = 2 * BLOCK
-        st_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 2]], [BLOCK, WIN], [1, 0])
-        gl.thread_barrier()
-        return gl.allocate_shared_memory(dtype, [BLOCK, WIN], st_l)
-
-    @gluon.jit
-    def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr):
-        """The skewed read of _skew_mma from the stored buffer p_s."""
-        WIN: gl.constexpr = 2 * BLOCK
-        rd_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
-        gl.thread_barrier()
-        view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
-        if TRANSPOSE:
-            return view.permute((1, 0)).load(out_l).to(gl.float32)
-        else:
-            row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
-            return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)
 
     @gluon.jit
     def _copy_tile(dst, base, r, stride_r, col, dd, S):
@@ -165,6 +120,19 @@ if wb.gluon is not None:
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
+        # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
+        # second copy of Q (once) and of each K block, rows spread.
+        spread = wb._spread(rows)
+        # The score tile's columns hold the block's keys in window_band._key_order (conflict-free skewed reads of
+        # P2C): K, V and the key mask are loaded in that order.
+        keys = wb._key_order(rows)
+        if HAS_C2P:
+            i_sp = i0 + spread
+            qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, gl.load(
+                qkv_b + i_sp[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i_sp < S)[:, None],
+                other=0.0))
+        if HAS_P2C:
+            ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
@@ -173,7 +141,7 @@ if wb.gluon is not None:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l))
+        cols = wb._key_order(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
@@ -190,20 +158,22 @@ if wb.gluon is not None:
         # soon as this block's products have read them, its V once P.V has, and land while this block's skews and
         # softmax run.
         if start < stop:
-            _copy_tile(k_s, qkv_b, start * BLOCK + rows, stride_qkv_s, k_col, dd, S)
+            _copy_tile(k_s, qkv_b, start * BLOCK + keys, stride_qkv_s, k_col, dd, S)
+            if HAS_P2C:
+                _copy_tile(ks_s, qkv_b, start * BLOCK + spread, stride_qkv_s, k_col, dd, S)
             if HAS_C2P:
                 _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
                 _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
             if HAS_P2C:
                 _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK), wins,
                            stride_pos_p, dd)
-            _copy_tile(v_s, qkv_b, start * BLOCK + rows, stride_qkv_s, v_col, dd, S)
+            _copy_tile(v_s, qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
             if HAS_C2P:
                 async_copy.wait_group(0)
                 fence_async_shared()
                 gl.thread_barrier()
-                c2p_half = warpgroup_mma(q_s, wc_s.index(0).permute((1, 0)),
+                c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
                                          gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
         for blk in range(start, stop):
             j0 = blk * BLOCK
@@ -215,15 +185,17 @@ if wb.gluon is not None:
             gl.thread_barrier()
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
             if HAS_C2P:
-                upper = warpgroup_mma(q_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                upper = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
                                       gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
-                s += _skew_halves(c2p_half, upper, dtype, BLOCK, s_l)
+                s += wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
                 c2p_half = upper
             if HAS_P2C:
-                p2c = wb._window_product(k_s, wp_s, BLOCK, num_warps)
+                p2c = wb._window_product(ks_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
-                _copy_tile(k_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, k_col, dd, S)
+                _copy_tile(k_s, qkv_b, j0 + BLOCK + keys, stride_qkv_s, k_col, dd, S)
+                if HAS_P2C:
+                    _copy_tile(ks_s, qkv_b, j0 + BLOCK + spread, stride_qkv_s, k_col, dd, S)
                 if HAS_C2P:  # the next block's upper half, where this block's lower half was
                     _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
                 if HAS_P2C:
@@ -231,7 +203,7 @@ if wb.gluon is not None:
                                stride_pos_p, dd)
                 async_copy.commit_group()
             if HAS_P2C:
-                s += _skew_mma(p2c, dtype, True, BLOCK, s_l)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
             s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -244,7 +216,7 @@ if wb.gluon is not None:
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s, acc)
             gl.thread_barrier()  # every warp is done with v_s
             if more:
-                _copy_tile(v_s, qkv_b, j0 + BLOCK + rows, stride_qkv_s, v_col, dd, S)
+                _copy_tile(v_s, qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
                 async_copy.commit_group()
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))

@@ -67,13 +67,15 @@ if gluon is not None:
 
     @gluon.jit
     def _skewed_product(x, w, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):
-        """x [BLOCK, D] times the window w [2 * BLOCK, D], skewed: out[r, c] = (x . wᵀ)[r, BLOCK - r + c], or with
-        TRANSPOSE out[r, c] = (x . wᵀ)[c, BLOCK + r - c]; float32 [BLOCK, BLOCK] in the band's store layout."""
+        """x [BLOCK, D] (rows in _spread order) times the window w [2 * BLOCK, D], skewed: with P = x . wᵀ in the
+        tile's row order, out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE out[r, c] = P[c, BLOCK + r - c];
+        float32 [BLOCK, BLOCK] in the band's store layout."""
         dtype: gl.constexpr = x.dtype
         x_s = gl.allocate_shared_memory(dtype, x.shape, gl.NVMMASharedLayout.get_default_for(x.shape, dtype), x)
         w_s = gl.allocate_shared_memory(dtype, w.shape, gl.NVMMASharedLayout.get_default_for(w.shape, dtype), w)
         fence_async_shared()
-        return _skew(_window_product(x_s, w_s, BLOCK, num_warps), dtype, TRANSPOSE, BLOCK, num_warps)
+        out_l: gl.constexpr = _band_layout(num_warps)
+        return _skew_mma(_window_product(x_s, w_s, BLOCK, num_warps), dtype, TRANSPOSE, BLOCK, out_l)
 
     @gluon.jit
     def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr):
@@ -84,28 +86,95 @@ if gluon is not None:
         return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False)
 
     @gluon.jit
-    def _skew(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr):
-        """out[r, c] = prod[r, BLOCK - r + c], or with TRANSPOSE prod[c, BLOCK + r - c], through shared memory (prod
-        rounded to dtype on the way); float32 [BLOCK, BLOCK] in the band's store layout."""
-        WIN: gl.constexpr = 2 * BLOCK
-        # Stored with a row pitch of WIN + 1, read back unpadded from column BLOCK on: the skew. One element per
-        # thread, threads along the row, on the way in: rows of 129 two-byte elements start at odd addresses (the
-        # MMA layout's paired stores faulted there: "misaligned address"), and stores of consecutive elements meet
-        # no bank conflicts (the products computed transposed, stored straight from the MMA layout, made the band
-        # 15% slower on an H100).
-        pad_l: gl.constexpr = gl.PaddedSharedLayout.with_identity_for([[WIN, 1]], [BLOCK, WIN], [1, 0])
-        one_l: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
-        gl.thread_barrier()  # earlier readers of a buffer the compiler may give this one's place
-        p_s = gl.allocate_shared_memory(dtype, [BLOCK, WIN], pad_l, gl.convert_layout(prod.to(dtype), one_l))
-        gl.thread_barrier()
-        flat_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        skew = p_s._reinterpret(dtype, [BLOCK, WIN], flat_l).slice(BLOCK, BLOCK, dim=1)
-        out_l: gl.constexpr = _band_layout(num_warps)
-        if TRANSPOSE:
-            tr_l: gl.constexpr = gl.BlockedLayout([2, 1], [32, 1], [1, num_warps], [0, 1])
-            return gl.convert_layout(skew.permute((1, 0)).load(tr_l), out_l).to(gl.float32)
+    def _spread(r):
+        """The row order of the products that _skew_mma skews ([64, 128], BLOCK 64): product row r is the tile's row
+        _spread(r) (the operand's rows are loaded in this order). One store instruction of the MMA layout covers 8
+        consecutive product rows; spread 4 tile rows apart, with the buffer's row pitch of 65 words they fall on
+        32 different banks (consecutive rows put 32 lanes on 11 banks: 4-way conflicts, ncu v17)."""
+        return ((r & 7) << 2) | ((r >> 3) & 3) | (r & 32)
+
+    @gluon.jit
+    def _key_order(n):
+        """The key order of the near kernel's score tiles (BLOCK 64): column n holds key _key_order(n) of the block
+        (K, V and the key mask are loaded in this order; the sums over keys do not see it). The skewed read of
+        P2C's product (`_read_skewed`, TRANSPOSE) takes 4 keys n = 2c + 8k per load instruction; at the buffer's
+        odd pitch consecutive keys fall on neighbouring banks (4-way conflicts), these keys 16 rows apart do not.
+        Bits 0, 1, 2, 3, 4, 5 of n go to bits 0, 4, 5, 1, 2, 3."""
+        return (n & 1) | (((n >> 1) & 3) << 4) | (((n >> 3) & 7) << 1)
+
+    @gluon.constexpr_function
+    def _skewed_read_layout(block, win, key_order, transpose):
+        """The padded view (row pitch win + 1) that _read_skewed reads; with key_order its keys (the rows for
+        transpose, else the columns of the second half) in _key_order: buffer bits 0 ... 5 of the key hold keys
+        1, 8, 16, 32, 2, 4."""
+        if not key_order:
+            return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
+        assert block == 64, "_key_order is written for 64-key blocks"
+        keys = [1, 8, 16, 32, 2, 4]
+        if transpose:
+            cols = [[0, 1 << n] for n in range(win.bit_length() - 1)]
+            rows = [[k, 0] for k in keys]
         else:
-            return skew.load(out_l).to(gl.float32)
+            cols = [[0, k] for k in keys] + [[0, block]]
+            rows = [[1 << n, 0] for n in range(block.bit_length() - 1)]
+        return gl.PaddedSharedLayout([[win, 1]], cols + rows, [], [block, win])
+
+    @gluon.constexpr_function
+    def _spread_store_layout(block, win):
+        """[block, win] with a row pitch of win + 2, logical row r at buffer row _spread(r). The bases map offset
+        bits to [row, column]: buffer row bits 0 ... 5 hold logical rows 8, 16, 1, 2, 4, 32."""
+        assert block == 64, "_spread is written for 64-row blocks"
+        cols = [[0, 1 << n] for n in range(win.bit_length() - 1)]
+        rows = [[8, 0], [16, 0], [1, 0], [2, 0], [4, 0], [32, 0]]
+        return gl.PaddedSharedLayout([[win, 2]], cols + rows, [], [block, win])
+
+    @gluon.jit
+    def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
+                  KEY_ORDER: gl.constexpr = False):
+        """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
+        where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
+        stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
+        row pitch of 2 * BLOCK + 2 (pairs of two-byte elements, every row 4-byte aligned), and read with a pitch of
+        2 * BLOCK + 1: view row t, column BLOCK + c is P[t, BLOCK - t + c] (with TRANSPOSE view row c, column
+        BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
+        misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
+        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. KEY_ORDER: out's
+        column c is key _key_order(c)."""
+        p_s = _product_buffer(dtype, BLOCK)
+        p_s.store(prod.to(dtype))
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER)
+
+    @gluon.jit
+    def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
+                     KEY_ORDER: gl.constexpr = False):
+        """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
+        not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
+        p_s = _product_buffer(dtype, BLOCK)
+        p_s.slice(0, BLOCK, dim=1).store(lo)
+        p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l, KEY_ORDER)
+
+    @gluon.jit
+    def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr):
+        """A [BLOCK, 2 * BLOCK] shared buffer in _spread_store_layout, once every warp is done with what the
+        compiler may give its place."""
+        st_l: gl.constexpr = _spread_store_layout(BLOCK, 2 * BLOCK)
+        gl.thread_barrier()
+        return gl.allocate_shared_memory(dtype, [BLOCK, 2 * BLOCK], st_l)
+
+    @gluon.jit
+    def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
+                     KEY_ORDER: gl.constexpr):
+        """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order)."""
+        WIN: gl.constexpr = 2 * BLOCK
+        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, KEY_ORDER, TRANSPOSE)
+        gl.thread_barrier()
+        view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
+        if TRANSPOSE:
+            return view.permute((1, 0)).load(out_l).to(gl.float32)
+        else:
+            row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
+            return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)
 
     @gluon.jit
     def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd, bias):
@@ -169,8 +238,9 @@ if gluon is not None:
             key_ok = gl.load(MASK + b * stride_mask_b + j0 + c, mask=j0 + c < S, other=0) != 0
             val = gl.where(key_ok, 0.0, float("-inf"))[None, :] + gl.zeros([BLOCK, BLOCK], gl.float32, out_l)
             edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
+            spread = _spread(rows)  # the products' row order (_skew_mma); the edges follow it
             if HAS_C2P:
-                i = i0 + rows
+                i = i0 + spread
                 q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
                             other=0.0)
                 # Rows by distance, C2P's in reverse (top index first): the window is a run of rows.
@@ -181,7 +251,7 @@ if gluon is not None:
                     _edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
                 val += _skewed_product(q, w, False, BLOCK, num_warps)
             if HAS_P2C:
-                j = j0 + rows
+                j = j0 + spread
                 k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
                             mask=(j < S)[:, None], other=0.0)
                 p2c_rows = pos_h + P2C_TERM * stride_pos_t  # index 0 first

@@ -12,6 +12,7 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
+                                      [--end-to-end]
 """
 
 import argparse
@@ -333,6 +334,8 @@ def main():
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="only the whole model in a CUDA graph, batch 1 at 512 ... 8192 tokens and 32 x 512")
     parser.add_argument("--launch-gaps", action="store_true",
                         help="kernel time against the span of a replayed forward, and the gaps between kernels")
     args = parser.parse_args()
@@ -345,6 +348,10 @@ def main():
             fa.BAND_KERNEL = band
             end_to_end([512, 1024, 2048, 4096, 8192], [1], label=f"default tiles, {band} band")
             end_to_end([512], [32], label=f"default tiles, {band} band")
+        return
+    if args.end_to_end:
+        end_to_end([512, 1024, 2048, 4096, 8192], [1])
+        end_to_end([512], [32])
         return
     if args.launch_gaps:
         for seq in (512, 2048):
