@@ -96,21 +96,23 @@ if gluon is not None:
     @gluon.jit
     def _key_order(n):
         """The key order of the near kernel's score tiles (BLOCK 64): column n holds key _key_order(n) of the block
-        (K, V and the key mask are loaded in this order; the sums over keys do not see it). The skewed read of
-        P2C's product (`_read_skewed`, TRANSPOSE) takes 4 keys n = 2c + 8k per load instruction; at the buffer's
-        odd pitch consecutive keys fall on neighbouring banks (4-way conflicts), these keys 16 rows apart do not.
-        Bits 0, 1, 2, 3, 4, 5 of n go to bits 0, 4, 5, 1, 2, 3."""
-        return (n & 1) | (((n >> 1) & 3) << 4) | (((n >> 3) & 7) << 1)
+        (K, V and the key mask are loaded in this order; the sums over keys do not see it). A load instruction of
+        the skewed reads (`_read_skewed` with KEY_ORDER, both terms straight in the MMA layout) takes 8 rows and 4
+        columns n = 2c + 8k + e: at the buffer's odd pitch consecutive keys fall on neighbouring banks (4-way
+        conflicts), these 4 keys 16 apart do not; and neighbouring columns are never neighbouring keys, so the
+        compiler does not pair two-byte reads that the odd pitch would misalign. Bits 0 ... 5 of n go to bits 1, 4,
+        5, 0, 2, 3."""
+        return ((n & 1) << 1) | (((n >> 1) & 3) << 4) | ((n >> 3) & 1) | (((n >> 4) & 3) << 2)
 
     @gluon.constexpr_function
     def _skewed_read_layout(block, win, key_order, transpose):
         """The padded view (row pitch win + 1) that _read_skewed reads; with key_order its keys (the rows for
         transpose, else the columns of the second half) in _key_order: buffer bits 0 ... 5 of the key hold keys
-        1, 8, 16, 32, 2, 4."""
+        8, 1, 16, 32, 2, 4."""
         if not key_order:
             return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
         assert block == 64, "_key_order is written for 64-key blocks"
-        keys = [1, 8, 16, 32, 2, 4]
+        keys = [8, 1, 16, 32, 2, 4]
         if transpose:
             cols = [[0, 1 << n] for n in range(win.bit_length() - 1)]
             rows = [[k, 0] for k in keys]
@@ -139,7 +141,7 @@ if gluon is not None:
         BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
         (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. KEY_ORDER: out's
-        column c is key _key_order(c)."""
+        column c is key _key_order(c), and both reads are straight in out_l without bank conflicts."""
         p_s = _product_buffer(dtype, BLOCK)
         p_s.store(prod.to(dtype))
         return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER)
@@ -172,6 +174,8 @@ if gluon is not None:
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:
             return view.permute((1, 0)).load(out_l).to(gl.float32)
+        elif KEY_ORDER:  # no two neighbouring columns adjacent in memory: read straight in out_l (_key_order)
+            return view.load(out_l).to(gl.float32)
         else:
             row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
             return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)
