@@ -191,15 +191,21 @@ def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None)
     print(report.table(["tiles", "batch", "seq", "fused + CUDA graph ms", "sequences/s", "peak GiB"], rows))
 
 
-def profile(seq, batch):
-    """CUDA time per kernel name over one replayed forward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def _warm_runner(seq, batch):
+    """A GraphRunner of the demo model with its graph for (batch, seq) captured and replayed a few times."""
     model = _model()
     runner = fused_model.GraphRunner(fused_model.fuse(model))
     ids, mask = _cuda_inputs(model, batch, seq, seed=1)
     for _ in range(5):
         runner(ids, mask)
     torch.cuda.synchronize()
+    return runner, ids, mask
+
+
+def profile(seq, batch):
+    """CUDA time per kernel name over one replayed forward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    runner, ids, mask = _warm_runner(seq, batch)
     # Eager run under the profiler (graph replays show as one item): same kernels as the captured graph.
     with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
@@ -222,14 +228,9 @@ def profile(seq, batch):
 def launch_gaps(seq, batch, label):
     """Kernels of one replayed CUDA graph of a forward on the GPU's clock (torch.profiler): the span from the first
     kernel's start to the last one's end against the kernels' summed durations, and the time between one kernel's
-    end and the next one's start (negative where a dependent launch started early), by who launches the next one."""
+    end and the next one's start (negative where two kernels overlap), by who launches the next one."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    model = _model()
-    runner = fused_model.GraphRunner(fused_model.fuse(model))
-    ids, mask = _cuda_inputs(model, batch, seq, seed=1)
-    for _ in range(5):
-        runner(ids, mask)
-    torch.cuda.synchronize()
+    runner, ids, mask = _warm_runner(seq, batch)
     replays = 20
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
