@@ -7,9 +7,10 @@ walks its near key blocks and does the whole online-softmax step for each:
 
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
                                                          memory, both products stored straight from their MMA
-                                                         layout (`window_band._skew_mma`); Q.Wcᵀ's window moves by one block
-                                                         from one key block to the next, so each half of it is
-                                                         computed once and used twice
+                                                         layout (`window_band._skew_mma`, no bank conflicts:
+                                                         rows spread, keys in `_key_order`); Q.Wcᵀ's window moves
+                                                         by one block from one key block to the next, so each
+                                                         half of it is computed once and used twice
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
 
 K, V and the position windows are copied to shared memory a block ahead (cp.async). Where every tile is near the
