@@ -88,7 +88,7 @@ if wb.gluon is not None:
         c2p_rows = pos_h + C2P_TERM * stride_pos_t  # by distance, top index first
         p2c_rows = pos_h + P2C_TERM * stride_pos_t  # by distance, index 0 first
         i = i0 + rows
-        q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None], other=0.0)
+        q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
         # The near key blocks the attention kernel visits: its own function.
         first = gl.load(RANGES + 2 * b)
@@ -112,8 +112,7 @@ if wb.gluon is not None:
                     wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd,
                               0.0)
                 if HAS_P2C:
-                    k_d = gl.load(qkv_b + i[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                                  mask=(i < S)[:, None], other=0.0)
+                    k_d = wb._load_tile(qkv_b, i, stride_qkv_s, (H + h) * HEAD_DIM, dd, S)
                     wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
                               gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
 
@@ -128,10 +127,8 @@ if wb.gluon is not None:
         # P2C): K, V and the key mask are loaded in that order.
         keys = wb._key_order(rows)
         if HAS_C2P:
-            i_sp = i0 + spread
-            qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, gl.load(
-                qkv_b + i_sp[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i_sp < S)[:, None],
-                other=0.0))
+            qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
+                                             wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
         if HAS_P2C:
             ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
@@ -230,8 +227,7 @@ if wb.gluon is not None:
                 v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
                 for n in range(0, gl.cdiv(S, BLOCK)):
                     jj = n * BLOCK + rows
-                    v = gl.load(qkv_b + jj[:, None] * stride_qkv_s + v_col + dd[None, :], mask=(jj < S)[:, None],
-                                other=0.0)
+                    v = wb._load_tile(qkv_b, jj, stride_qkv_s, v_col, dd, S)
                     v_sum += gl.sum(v.to(gl.float32), 0)
                 v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
                 out = gl.where(valid[:, None], out, v_mean[None, :])

@@ -181,6 +181,11 @@ if gluon is not None:
             return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)
 
     @gluon.jit
+    def _load_tile(base, r, stride_r, col, dd, S):
+        """base[r[n], col:col + D] for r[n] < S, else zeros (the synchronous twin of near_attention._copy_tile)."""
+        return gl.load(base + r[:, None] * stride_r + col + dd[None, :], mask=(r < S)[:, None], other=0.0)
+
+    @gluon.jit
     def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd, bias):
         """OUT[r] = x[r] . TOP_ROW + bias and OUT[OFFSET + r] = x[r] . ZERO_ROW + bias, in float32."""
         xf = x.to(gl.float32)
@@ -245,8 +250,7 @@ if gluon is not None:
             spread = _spread(rows)  # the products' row order (_skew_mma); the edges follow it
             if HAS_C2P:
                 i = i0 + spread
-                q = gl.load(qkv_b + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=(i < S)[:, None],
-                            other=0.0)
+                q = _load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
                 # Rows by distance, C2P's in reverse (top index first): the window is a run of rows.
                 c2p_rows = pos_h + C2P_TERM * stride_pos_t
                 idx = _c2p_window(d0, DIST_LO, DIST_N, BLOCK) + wins
@@ -256,8 +260,7 @@ if gluon is not None:
                 val += _skewed_product(q, w, False, BLOCK, num_warps)
             if HAS_P2C:
                 j = j0 + spread
-                k = gl.load(qkv_b + j[:, None] * stride_qkv_s + (H + h) * HEAD_DIM + dd[None, :],
-                            mask=(j < S)[:, None], other=0.0)
+                k = _load_tile(qkv_b, j, stride_qkv_s, (H + h) * HEAD_DIM, dd, S)
                 p2c_rows = pos_h + P2C_TERM * stride_pos_t  # index 0 first
                 idx = _p2c_window(d0, DIST_LO, DIST_N, BLOCK) + wins
                 w = gl.load(p2c_rows + idx[:, None] * stride_pos_p + dd[None, :])
