@@ -661,15 +661,10 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             rows = _table_rows(seq)
-            c2p, p2c = positions.c2p_term, positions.p2c_term
-            sat_hi, sat_lo = sat
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
                                                            sat, factor * _LOG2E)
                 state = (acc, ml, acc.shape[1])
-                if edges is None:  # the near kernel did every tile: the Triton kernel only merges its parts
-                    edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)  # not read
-                    c2p, p2c, sat_hi, sat_lo = None, None, 1 << 30, -(1 << 30)  # every block "near", none to visit
             elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
                 band, edges = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
@@ -678,6 +673,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 tab, edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g)
                 band = near_band(tab, mask, ranges, positions, tiles, g, sat)
                 slots = band.shape[2] // tiles.block_n
+            c2p, p2c = positions.c2p_term, positions.p2c_term
+            sat_hi, sat_lo = sat
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),

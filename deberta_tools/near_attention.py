@@ -59,61 +59,17 @@ if wb.gluon is not None:
         async_copy.async_copy_global_to_shared(dst, base + (first + idx)[:, None] * stride + dd[None, :])
 
     @gluon.jit
-    def _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, blk, j0, near_first, hi_end, lo_start, c2p_first,
-                   keys, spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N,
-                   HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FAR: gl.constexpr, FIRST: gl.constexpr,
-                   BLOCK: gl.constexpr):
-        """Key block blk's copies (its first key j0; asynchronous, not committed): K in key order; for a near block
-        (hi_end <= blk < lo_start, always without FAR) also K in spread order, C2P's next window half (both halves
-        for the program's first near block near_first: FIRST, the program's first block, or with FAR one after
-        saturated blocks) and P2C's window."""
-        _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
-        if FAR:
-            near = (blk >= hi_end) & (blk < lo_start)
-        else:
-            near: gl.constexpr = True
-        if near:
-            if HAS_P2C:
-                _copy_tile(ks_s, qkv_b, j0 + spread, stride_qkv_s, k_col, dd, S)
-            if HAS_C2P:  # near block n takes its upper half from slot (n + 1) % 2, its lower half from registers
-                if FIRST:
-                    _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                    _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
-                else:
-                    n = blk - near_first
-                    if FAR:
-                        if n == 0:
-                            _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                    _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p,
-                               dd)
-            if HAS_P2C:
-                _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
-
-    @gluon.jit
-    def _block_at(x, blk_first, hi_end, lo_start, NEAR_COST):
-        """The key block at cost x from blk_first, near blocks (hi_end ... lo_start - 1) costing NEAR_COST and the
-        saturated ones 1, rounded up inside the near run: _block_at(0) = blk_first, monotone, and the whole cost
-        lands on the end of the last run."""
-        far_hi = hi_end - blk_first
-        near_cost = NEAR_COST * (lo_start - hi_end)
-        return gl.where(x <= far_hi, blk_first + x,
-                        gl.where(x <= far_hi + near_cost, hi_end + (x - far_hi + NEAR_COST - 1) // NEAR_COST,
-                                 lo_start + x - far_hi - near_cost))
-
-    @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, NEAR_COST,
-        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FAR: gl.constexpr, FINAL: gl.constexpr,
-        HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, num_warps: gl.constexpr,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+        BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
-        units, scale included) and running sum of query i over part `part` of its key blocks, in SPLITS runs of
-        consecutive blocks: the near blocks only (those `_attention_kernel` would visit), EDGES as window_band writes
-        them; with FAR every key block, a near one counted as NEAR_COST saturated ones when the runs are cut, no
-        EDGES. FINAL (one part, every key block near or FAR): OUT[b, i, h * D:(h + 1) * D], the layer's context,
-        instead."""
+        units, scale included) and running sum of query i over part `part` of its near key blocks (those
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
+        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
         m = gl.program_id(0) // SPLITS
         part = gl.program_id(0) % SPLITS
@@ -134,27 +90,22 @@ if wb.gluon is not None:
         i = i0 + rows
         q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
-        # The key blocks the attention kernel visits: its own function.
+        # The near key blocks the attention kernel visits: its own function.
         first = gl.load(RANGES + 2 * b)
         last = gl.load(RANGES + 2 * b + 1)
         qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
-        blk_first, hi_end, lo_start, blk_end = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last, S,
-                                                              SAT_HI, SAT_LO, BLOCK, BLOCK)
+        _, hi_end, lo_start, _ = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last, S, SAT_HI, SAT_LO,
+                                                BLOCK, BLOCK)
         # This program's share of them: SPLITS programs per query block when there are too few query blocks to fill
         # the GPU.
-        if FAR:
-            cost = blk_end - blk_first + (NEAR_COST - 1) * (lo_start - hi_end)
-            start = _block_at(part * cost // SPLITS, blk_first, hi_end, lo_start, NEAR_COST)
-            stop = _block_at((part + 1) * cost // SPLITS, blk_first, hi_end, lo_start, NEAR_COST)
-        else:
-            per = (lo_start - hi_end + SPLITS - 1) // SPLITS
-            start = gl.minimum(hi_end + part * per, lo_start)
-            stop = gl.minimum(start + per, lo_start)
+        per = (lo_start - hi_end + SPLITS - 1) // SPLITS
+        start = gl.minimum(hi_end + part * per, lo_start)
+        stop = gl.minimum(start + per, lo_start)
 
-        # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C) for the Triton kernel: whenever the
-        # diagonal tile holds a token between the first and last valid ones, so every key block another program reads
-        # is covered. FINAL without FAR: there are no saturated tiles; FAR: they are done here.
-        if not (FINAL or FAR):
+        # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
+        # a token between the first and last valid ones, so every key block another program reads is covered.
+        # FINAL: there are no saturated tiles.
+        if not FINAL:
             if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
                 edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
                 if HAS_C2P:
@@ -167,11 +118,6 @@ if wb.gluon is not None:
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
-        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
@@ -180,8 +126,6 @@ if wb.gluon is not None:
         # The score tile's columns hold the block's keys in window_band._key_order (conflict-free skewed reads of
         # P2C): K, V and the key mask are loaded in that order.
         keys = wb._key_order(rows)
-        qs_s = q_s  # stands in where a term is off (never read)
-        ks_s = k_s
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
                                              wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
@@ -190,99 +134,76 @@ if wb.gluon is not None:
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
-        # Saturated tiles (FAR): every pair reads one C2P column per query (a row constant, c_hi or c_lo) and one
-        # P2C column per key, K_j . Qr_sat: the product of K with a tile whose rows are all Qr_sat (r_s[0] at the
-        # top index, r_s[1] at 0), accumulated onto Q.Kᵀ in float32 as the edges are.
-        c_hi = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
-        c_lo = c_hi
-        r_s = wc_s
-        if FAR:
-            if HAS_C2P:
-                c_hi = gl.convert_layout(wb._row_dot(q, c2p_rows, dd), gl.SliceLayout(1, s_l))
-                c_lo = gl.convert_layout(wb._row_dot(q, c2p_rows + (DIST_N - 1) * stride_pos_p, dd),
-                                         gl.SliceLayout(1, s_l))
-            if HAS_P2C:  # copied with the first block's keys
-                r_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK, 16])
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         cols = wb._key_order(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
         k_col = (H + h) * HEAD_DIM
         v_col = (2 * H + h) * HEAD_DIM
-        # C2P's window moves by BLOCK rows from one near key block to the next (Q stays), so half of each block's
-        # product is the previous block's: the product with window rows c2p_first + n * BLOCK ... + BLOCK - 1 is
-        # computed once (near block n - 1 takes it as its upper half, n as its lower half) and kept in registers,
+        # C2P's window moves by BLOCK rows from one key block to the next (Q stays), so half of each block's product
+        # is the previous block's: the product with window rows c2p_first + n * BLOCK ... + BLOCK - 1 is computed
+        # once (block start + n - 1 takes it as its upper half, start + n as its lower half) and kept in registers,
         # rounded to dtype as the skew stores it anyway. The near run never reaches a window clamp (by_distance keeps
         # two blocks beyond both saturation bounds), so the windows are consecutive.
-        if FAR:
-            near_first = gl.maximum(start, hi_end)  # this program's first near block, if it has one
-        else:
-            near_first = start
-        c2p_first = wb._c2p_window(i0 - near_first * BLOCK, DIST_LO, DIST_N, BLOCK)
+        c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
         # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's K and
         # windows are issued as soon as this block's products have read them and land while this block's skews and
         # softmax run; its V once P.V has, waited for only before the next P.V (the products and the softmax run
         # while it lands).
         if start < stop:
-            if FAR:
-                if HAS_P2C:
-                    _copy_rows(r_s.index(0), p2c_rows, DIST_N - 1, rows * 0, stride_pos_p, dd)
-                    _copy_rows(r_s.index(1), p2c_rows, 0, rows * 0, stride_pos_p, dd)
-            _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, start, start * BLOCK, near_first, hi_end,
-                       lo_start, c2p_first, keys, spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S,
-                       DIST_LO, DIST_N, HAS_C2P, HAS_P2C, FAR, True, BLOCK)
+            _copy_tile(k_s, qkv_b, start * BLOCK + keys, stride_qkv_s, k_col, dd, S)
+            if HAS_P2C:
+                _copy_tile(ks_s, qkv_b, start * BLOCK + spread, stride_qkv_s, k_col, dd, S)
+            if HAS_C2P:
+                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+                _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
+            if HAS_P2C:
+                _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK), wins,
+                           stride_pos_p, dd)
             async_copy.commit_group()
             _copy_tile(v_s, qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
             if HAS_C2P:
-                if not FAR:  # the first block is near: its lower half (with FAR, in the loop)
-                    async_copy.wait_group(1)
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
-                                             gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
+                async_copy.wait_group(1)
+                fence_async_shared()
+                gl.thread_barrier()
+                c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
+                                         gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
         for blk in range(start, stop):
             j0 = blk * BLOCK
-            if FAR:
-                near = (blk >= hi_end) & (blk < lo_start)
-            else:
-                near: gl.constexpr = True
-            n = blk - near_first
+            n = blk - start
             key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
             more = blk + 1 < stop
             async_copy.wait_group(1)  # this block's K and windows (its V may still be on its way)
             fence_async_shared()
             gl.thread_barrier()
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
-            if near:
-                if HAS_C2P:
-                    if FAR:
-                        if n == 0:  # the program's first near block: its lower half too
-                            c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
-                                                     gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
-                    upper = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
-                                          gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
-                    s += wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
-                    c2p_half = upper
-                if HAS_P2C:
-                    p2c = wb._window_product(ks_s, wp_s, BLOCK, num_warps)
-                    if FAR:  # skewed now: live across the copies below, it spilled (AOT)
-                        s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
-            else:
-                if HAS_P2C:
-                    s = warpgroup_mma(r_s.index((blk >= hi_end).to(gl.int32)), k_s.permute((1, 0)), s)
-                if HAS_C2P:
-                    s += gl.where(blk < hi_end, c_hi, c_lo)[:, None]
+            if HAS_C2P:
+                upper = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                                      gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
+                s += wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
+                c2p_half = upper
+            if HAS_P2C:
+                p2c = wb._window_product(ks_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:
-                _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, blk + 1, j0 + BLOCK, near_first, hi_end,
-                           lo_start, c2p_first, keys, spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S,
-                           DIST_LO, DIST_N, HAS_C2P, HAS_P2C, FAR, False, BLOCK)
+                _copy_tile(k_s, qkv_b, j0 + BLOCK + keys, stride_qkv_s, k_col, dd, S)
+                if HAS_P2C:
+                    _copy_tile(ks_s, qkv_b, j0 + BLOCK + spread, stride_qkv_s, k_col, dd, S)
+                if HAS_C2P:  # the next block's upper half, where this block's lower half was
+                    _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
+                if HAS_P2C:
+                    _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0 - BLOCK, DIST_LO, DIST_N, BLOCK), wins,
+                               stride_pos_p, dd)
                 async_copy.commit_group()
             if HAS_P2C:
-                if not FAR:  # skewed once the next copies are issued
-                    s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
             s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -336,79 +257,54 @@ def _multiprocessors(device: torch.device) -> int:
 # Programs per multiprocessor the near kernel aims for when a launch has few query blocks (see splits_for).
 PROGRAMS_PER_SM = 4
 
-# The saturated tiles in the near kernel too (FAR): each program takes a cost-balanced run of all its query block's
-# key blocks, and the Triton kernel after it only merges the parts' states (or nothing runs after it, `finishes`).
-# Off: the near kernel does the near blocks only and the Triton kernel adds the saturated ones.
-FAR_TILES = True
-# A near tile's cost in saturated tiles when a query block's key blocks are cut into runs: three products and two
-# skews against one product with a constant row tile.
-NEAR_COST = 3
-
 
 def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int) -> int:
-    """How many programs share one query block's key blocks: enough for PROGRAMS_PER_SM programs per multiprocessor
-    when `query_blocks` x `programs` (batch x heads) alone are fewer, at most one per block (`slots`)."""
+    """How many programs share one query block's near key blocks: enough for PROGRAMS_PER_SM programs per
+    multiprocessor when `query_blocks` x `programs` (batch x heads) alone are fewer, at most one per near block."""
     want = PROGRAMS_PER_SM * _multiprocessors(device)
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
-def far_tiles(saturation: tuple[int, int], seq: int) -> bool:
-    """Whether the near kernel does the saturated tiles too: FAR_TILES and there are some."""
-    return FAR_TILES and not fa.all_near(saturation, seq, wb.BLOCK, wb.BLOCK)
-
-
-def _slots(saturation: tuple[int, int], seq: int) -> int:
-    """The most key blocks one query block's programs share: every block with far_tiles, else the near ones."""
-    if far_tiles(saturation, seq):
-        return triton.cdiv(seq, wb.BLOCK)
-    return fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK)
-
-
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks (every key block where
-    `far_tiles`) in `splits` parts (default `splits_for`), acc [B * group, splits, rows, D] and ml
-    [B * group, splits, 2, rows] float32 (running max in log2 units with qk_scale = factor * log2(e), running sum),
-    and the saturated tiles' vectors [B, group, 4, rows] as `fused_attention.position_tables` returns them (None where
-    `far_tiles`: the kernel did those tiles). `window_band.supported(...)` must hold."""
+               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
+    (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
+    as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     if splits is None:
-        splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group, _slots(saturation, seq))
+        splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
+                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
-    edges = None
-    if not far_tiles(saturation, seq):
-        edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
             acc, ml, edges, None)
     return acc, ml, edges
 
 
-# The near kernel writes the context itself (one program per query block: no state, no Triton kernel after it) where
-# every tile is near the diagonal and a launch has at least FINISH_PROGRAMS_PER_SM query-block programs per
-# multiprocessor, or with FAR_TILES where it has FAR_FINISH_PROGRAMS_PER_SM (its blocks would not be split).
+# Where every tile is near the diagonal, the near kernel writes the context itself (one program per query block: no
+# state, no Triton kernel after it) once a launch has at least this many query-block programs per multiprocessor.
 # On an H100 at 512 tokens: 1.325 ms against 1.397 with split blocks and a merge at batch 8 (384 programs), 4.38 ms
 # at batch 32; at batch 1 (48 programs) 0.659 ms, where the window band takes 0.590 (NOTES.md, v12).
 FINISH_PROGRAMS_PER_SM = 0.5
-FAR_FINISH_PROGRAMS_PER_SM = PROGRAMS_PER_SM
 
 
 def finishes(device: torch.device, batch: int, seq: int, heads: int, saturation: tuple[int, int]) -> bool:
     """Whether `near_output` does the whole layer: every key block of every query block is near the diagonal (the
-    sequence is shorter than the span where the position terms saturate) or `far_tiles`, and the launch has enough
-    query blocks (FINISH_PROGRAMS_PER_SM, FAR_FINISH_PROGRAMS_PER_SM)."""
+    sequence is shorter than the span where the position terms saturate) and the launch has enough query blocks
+    (FINISH_PROGRAMS_PER_SM)."""
     programs = triton.cdiv(seq, wb.BLOCK) * batch * heads
-    if fa.all_near(saturation, seq, wb.BLOCK, wb.BLOCK):
-        return programs >= FINISH_PROGRAMS_PER_SM * _multiprocessors(device)
-    return far_tiles(saturation, seq) and programs >= FAR_FINISH_PROGRAMS_PER_SM * _multiprocessors(device)
+    return (fa.all_near(saturation, seq, wb.BLOCK, wb.BLOCK)
+            and programs >= FINISH_PROGRAMS_PER_SM * _multiprocessors(device))
 
 
 def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                 saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
-    """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no state and no
-    Triton kernel after this one."""
-    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, None, out)
+    """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
+    tiles, so no state and no Triton kernel after this one."""
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
     return out
 
 
@@ -423,15 +319,13 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
     pos, dist_lo = wb.by_distance(positions, qkv.device)
     final = out is not None
     out = out if final else qkv  # a placeholder when the state is written
-    far = far_tiles(saturation, seq)
-    assert (edges is None) == (far or final), "edges are written exactly where the Triton kernel reads them"
-    edges, edge_strides = (qkv, (0, 0)) if edges is None else (edges, (edges.stride(0), edges.stride(1)))
+    edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     _near_attention_kernel[(triton.cdiv(seq, wb.BLOCK) * splits, batch * group)](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
-        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, NEAR_COST,
-        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FAR=far,
-        FINAL=final, HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
+        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -186,15 +186,11 @@ if gluon is not None:
         return gl.load(base + r[:, None] * stride_r + col + dd[None, :], mask=(r < S)[:, None], other=0.0)
 
     @gluon.jit
-    def _row_dot(x, ROW, dd):
-        """x[r] . ROW[dd] for every row r of x, in float32."""
-        return gl.sum(x.to(gl.float32) * gl.load(ROW + dd).to(gl.float32)[None, :], axis=1)
-
-    @gluon.jit
     def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd, bias):
         """OUT[r] = x[r] . TOP_ROW + bias and OUT[OFFSET + r] = x[r] . ZERO_ROW + bias, in float32."""
-        gl.store(OUT, _row_dot(x, TOP_ROW, dd) + bias)
-        gl.store(OUT + OFFSET, _row_dot(x, ZERO_ROW, dd) + bias)
+        xf = x.to(gl.float32)
+        gl.store(OUT, gl.sum(xf * gl.load(TOP_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
+        gl.store(OUT + OFFSET, gl.sum(xf * gl.load(ZERO_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
 
     @gluon.jit
     def _c2p_window(d0, DIST_LO, DIST_N, BLOCK: gl.constexpr):

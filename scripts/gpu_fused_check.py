@@ -12,7 +12,7 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
-                                      [--end-to-end] [--far-sweep]
+                                      [--end-to-end]
 """
 
 import argparse
@@ -155,59 +155,6 @@ def near_ablation(cases):
             rows.append([str(batch), str(seq), kind, name, f"{_graph_us(fn):.1f}", f"{sdpa:.1f}"])
     print("near kernel alone, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per CUDA graph replay:")
     print(report.table(["batch", "seq", "writes", "terms", "us per call", "SDPA (all tiles) us"], rows))
-
-
-FAR_SETTINGS = [
-    ("Triton kernel does the saturated tiles", dict(FAR_TILES=False)),
-    ("near kernel does them (default)", {}),
-    ("near cost 2", dict(NEAR_COST=2)),
-    ("near cost 4", dict(NEAR_COST=4)),
-    ("2 programs per SM", dict(PROGRAMS_PER_SM=2, FAR_FINISH_PROGRAMS_PER_SM=2)),
-    ("8 programs per SM", dict(PROGRAMS_PER_SM=8, FAR_FINISH_PROGRAMS_PER_SM=8)),
-    ("one program per query block", dict(FAR_FINISH_PROGRAMS_PER_SM=0)),
-]
-
-
-def _near_settings(settings):
-    """Set near_attention's module knobs; returns what they were."""
-    old = {k: getattr(near_attention, k) for k in settings}
-    for k, v in settings.items():
-        setattr(near_attention, k, v)
-    return old
-
-
-def far_sweep(seqs):
-    """The saturated tiles in the near kernel (near_attention.FAR_TILES) against the Triton kernel doing them, and
-    the near kernel's knobs: one layer's attention (near kernel and whatever runs after it) against SDPA on the same
-    shapes, its largest difference from the Triton kernel's result, then the whole model end to end."""
-    heads, dim = 6, 64
-    rows = []
-    for seq in seqs:
-        qkv, positions, mask = _inputs(seq, heads, dim)
-        q, k, v = qkv.view(1, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
-        sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        ref = None
-        for name, settings in FAR_SETTINGS:
-            old = _near_settings(settings)
-            try:
-                fn = lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, band_kernel="near")  # noqa: E731
-                out = fn().float()
-                ref = out if ref is None else ref
-                diff = ((out - ref).norm() / ref.norm()).item()
-                t = _graph_us(fn)
-            finally:
-                _near_settings(old)
-            rows.append([str(seq), name, f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}", f"{diff:.1e}",
-                         str(bool(torch.isfinite(out).all().item()))])
-    print("one layer's attention, batch 1, 6 heads of 64, fp16, rule (256, 256, 512); 10 launches per graph replay:")
-    print(report.table(["seq", "setting", "us per call", "SDPA us", "/ SDPA", "rel L2 vs first row", "finite"],
-                       rows))
-    for name, settings in FAR_SETTINGS:
-        old = _near_settings(settings)
-        try:
-            end_to_end(seqs, [1], label=name)
-        finally:
-            _near_settings(old)
 
 
 def _tiles(t):
@@ -390,8 +337,6 @@ def main():
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     parser.add_argument("--end-to-end", action="store_true",
                         help="only the whole model in a CUDA graph, batch 1 at 512 ... 8192 tokens and 32 x 512")
-    parser.add_argument("--far-sweep", action="store_true",
-                        help="the saturated tiles in the near kernel or the Triton kernel, and the near kernel's knobs")
     parser.add_argument("--launch-gaps", action="store_true",
                         help="kernel time against the span of a replayed forward, and the gaps between kernels")
     args = parser.parse_args()
@@ -408,9 +353,6 @@ def main():
     if args.end_to_end:
         end_to_end([512, 1024, 2048, 4096, 8192], [1])
         end_to_end([512], [32])
-        return
-    if args.far_sweep:
-        far_sweep([1024, 2048, 4096, 8192])
         return
     if args.launch_gaps:
         for seq in (512, 2048):

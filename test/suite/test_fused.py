@@ -177,48 +177,29 @@ def test_all_near_means_no_saturated_tile(seq, rule):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-@pytest.mark.parametrize("writes,dtype", [("state", torch.float16), ("state, Triton far tiles", torch.float16),
-                                          ("context", torch.float16), ("context", torch.bfloat16),
-                                          ("context with far tiles", torch.float16)])
+@pytest.mark.parametrize("writes,dtype", [("state", torch.float16), ("context", torch.float16),
+                                          ("context", torch.bfloat16)])
 def test_near_attention_on_mostly_padded_sequences(monkeypatch, writes, dtype):
     """Sequences that end early, one with no token and one with a hole of masked tokens longer than a tile, against
-    the Triton band. "state": near and saturated tiles (a small span at 400 tokens), the near kernel does both in
-    parts whose softmax states the Triton kernel merges; "state, Triton far tiles": the near kernel does the near
-    tiles and the Triton kernel adds the saturated ones (FAR_TILES off). "context": no saturated tile (v3's own span
-    at 300 tokens), "context with far tiles": the small span again; the near kernel writes the context itself, one
-    program per query block, with no Triton kernel after it; padded query rows get the mean of V."""
-    if writes.startswith("state") or writes == "context with far tiles":
+    the Triton band. "state": near and saturated tiles (a small span at 400 tokens), the near kernel's softmax state
+    handed to the Triton kernel. "context": no saturated tile (v3's own span at 300 tokens), the near kernel writes
+    the context itself, one program per query block, with no Triton kernel after it; padded query rows get the
+    mean of V."""
+    if writes == "state":
         name, kw = "v3", dict(seq=400, lengths=[400, 20, 331, 0, 400], hidden_size=128, **SMALL_SPAN)
     else:
         name, kw = "v3_span256", dict(seq=300, lengths=[300, 20, 231, 0, 300], hidden_size=256)
     kw.update(batch=5, dtype=dtype, hole=(4, 100, 250))
     triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
-    if writes == "state, Triton far tiles":
-        monkeypatch.setattr(near_attention, "FAR_TILES", False)
-    if writes.startswith("context"):
+    if writes == "context":
         class NotLaunched:
             def __getitem__(self, grid):
                 raise AssertionError("the Triton attention kernel ran after the near kernel")
         monkeypatch.setattr(near_attention, "FINISH_PROGRAMS_PER_SM", 0)  # whatever the number of query blocks
-        monkeypatch.setattr(near_attention, "FAR_FINISH_PROGRAMS_PER_SM", 0)
         monkeypatch.setattr(fa, "_attention_kernel", NotLaunched())
     near, _ = _attention_case(name, band_kernel="near", **kw)
     assert near < 1.02 * triton_band, f"{near:.3e} vs Triton band {triton_band:.3e}"
     assert dtype != torch.float16 or near < 1e-2
-
-
-@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-@pytest.mark.parametrize("splits", [1, 2, 3, 7, 40])
-def test_near_kernel_cuts_key_blocks_into_runs(monkeypatch, splits):
-    """The near kernel with the saturated tiles cuts each query block's key blocks into `splits` runs of about equal
-    cost (a near block counted as NEAR_COST saturated ones), one program each, whose softmax states the Triton kernel
-    merges: every cut (runs that start or end in the saturated blocks at either end, in the near run, runs left
-    empty with 40 parts for 7 blocks) gives the Triton band's attention."""
-    monkeypatch.setattr(near_attention, "splits_for", lambda *args: splits)
-    kw = dict(batch=3, seq=400, lengths=[400, 150, 333], hidden_size=128, dtype=torch.float16, **SMALL_SPAN)
-    triton_band, _ = _attention_case("v3", band_kernel="triton", **kw)
-    near, _ = _attention_case("v3", band_kernel="near", **kw)
-    assert near < 1.02 * triton_band, f"{near:.3e} vs Triton band {triton_band:.3e}"
 
 
 def test_gluon_kernels_compile_for_hopper():
@@ -231,13 +212,10 @@ def test_gluon_kernels_compile_for_hopper():
     from pathlib import Path
     script = Path(__file__).resolve().parents[2] / "scripts" / "inspect_kernels.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # 700 tokens: near and saturated tiles, the near kernel's runs merged by the Triton kernel; 64 x 512 tokens:
-    # every tile near, and 4 x 8192: both kinds, each with enough query blocks for the near kernel to write the
-    # context.
+    # 700 tokens: near and saturated tiles; 64 x 512 tokens: every tile near, the near kernel writes the context.
     for band, kernel, seq, batch in (("window", "_window_band_kernel", "700", "2"),
                                      ("near", "_near_attention_kernel", "700", "2"),
-                                     ("near", "_near_attention_kernel", "512", "64"),
-                                     ("near", "_near_attention_kernel", "8192", "4")):
+                                     ("near", "_near_attention_kernel", "512", "64")):
         for dtype, dim in (("fp16", "64"), ("bf16", "128")):
             out = subprocess.run([sys.executable, str(script), "--band", band, "--seq-len", seq, "--batch-size",
                                   batch, "--heads", "2", "--head-dim", dim, "--dtype", dtype],
