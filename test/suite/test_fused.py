@@ -202,6 +202,21 @@ def test_near_attention_on_mostly_padded_sequences(monkeypatch, writes, dtype):
     assert dtype != torch.float16 or near < 1e-2
 
 
+@pytest.mark.parametrize("many_rows", [1 << 30, 0])
+def test_add_layer_norm_matches_torch(monkeypatch, many_rows):
+    """LayerNorm(x + residual) in one kernel, one row per program or 4 (from LAYER_NORM_MANY_ROWS rows on; 15 rows
+    here, so the last program's rows run past the end), against PyTorch's LayerNorm in float64."""
+    monkeypatch.setattr(fused_model, "LAYER_NORM_MANY_ROWS", many_rows)
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(48, eps=1e-7)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x, residual = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
+    want = norm.double()(x.double() + residual.double())
+    got = fused_model.add_layer_norm(x.to(DEVICE), residual.to(DEVICE), norm.float().to(DEVICE))
+    assert _rel(got, want) < 1e-6
+
+
 def test_gluon_kernels_compile_for_hopper():
     """The Gluon kernels (and the Triton kernels beside them) compile for sm_90 on any machine: Triton's compiler
     and ptxas ship in its wheel (scripts/inspect_kernels.py, run without TRITON_INTERPRET). The GPU tests above check
