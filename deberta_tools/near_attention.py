@@ -59,6 +59,23 @@ if wb.gluon is not None:
         async_copy.async_copy_global_to_shared(dst, base + (first + idx)[:, None] * stride + dd[None, :])
 
     @gluon.jit
+    def _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, spread, rows, wins, dd,
+                   i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr,
+                   HAS_P2C: gl.constexpr, FIRST: gl.constexpr, BLOCK: gl.constexpr):
+        """The copies of the program's near block n (first key j0) that its products read, not committed: K in key
+        order; for P2C K in spread order and P2C's window; for C2P its window's upper half into slot (n + 1) % 2
+        (the lower half is the previous block's, kept in registers), and with FIRST (n = 0) the lower half too."""
+        _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
+        if HAS_P2C:
+            _copy_tile(ks_s, qkv_b, j0 + spread, stride_qkv_s, k_col, dd, S)
+        if HAS_C2P:
+            if FIRST:
+                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+            _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
+        if HAS_P2C:
+            _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
+
+    @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
@@ -129,6 +146,7 @@ if wb.gluon is not None:
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
                                              wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
+        ks_s = k_s  # stands in without P2C (never read)
         if HAS_P2C:
             ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
@@ -157,15 +175,9 @@ if wb.gluon is not None:
         # softmax run; its V once P.V has, waited for only before the next P.V (the products and the softmax run
         # while it lands).
         if start < stop:
-            _copy_tile(k_s, qkv_b, start * BLOCK + keys, stride_qkv_s, k_col, dd, S)
-            if HAS_P2C:
-                _copy_tile(ks_s, qkv_b, start * BLOCK + spread, stride_qkv_s, k_col, dd, S)
-            if HAS_C2P:
-                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                _copy_rows(wc_s.index(1), c2p_rows, c2p_first + BLOCK, rows, stride_pos_p, dd)
-            if HAS_P2C:
-                _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK), wins,
-                           stride_pos_p, dd)
+            _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, spread,
+                       rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C,
+                       True, BLOCK)
             async_copy.commit_group()
             _copy_tile(v_s, qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
@@ -192,15 +204,10 @@ if wb.gluon is not None:
             if HAS_P2C:
                 p2c = wb._window_product(ks_s, wp_s, BLOCK, num_warps)
             gl.thread_barrier()  # every warp is done with k_s and the windows
-            if more:
-                _copy_tile(k_s, qkv_b, j0 + BLOCK + keys, stride_qkv_s, k_col, dd, S)
-                if HAS_P2C:
-                    _copy_tile(ks_s, qkv_b, j0 + BLOCK + spread, stride_qkv_s, k_col, dd, S)
-                if HAS_C2P:  # the next block's upper half, where this block's lower half was
-                    _copy_rows(wc_s.index(n % 2), c2p_rows, c2p_first + (n + 2) * BLOCK, rows, stride_pos_p, dd)
-                if HAS_P2C:
-                    _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0 - BLOCK, DIST_LO, DIST_N, BLOCK), wins,
-                               stride_pos_p, dd)
+            if more:  # the next block's; its upper half goes where this block's lower half was
+                _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys,
+                           spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P,
+                           HAS_P2C, False, BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:
                 s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
