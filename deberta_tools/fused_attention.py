@@ -37,7 +37,6 @@ The Triton kernels run compiled on NVIDIA GPUs and on the CPU under TRITON_INTER
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -352,25 +351,10 @@ def _attend_block(
 
 
 @triton.jit
-def _merge_state(acc, m_i, l_i, ACC, ML, slot, i, dd, ROWS, BLOCK_D: tl.constexpr):
-    """(acc, m_i, l_i) merged with the softmax state of rows i in state slot `slot` (FlashAttention's rescaling). The
-    slot was written by another program of this launch or of one running beside it: read past the L1 cache."""
-    m_k = tl.load(ML + 2 * slot + i, cache_modifier=".cg")
-    m_new = tl.maximum(m_i, m_k)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    beta = tl.math.exp2(m_k - m_safe)
-    l_i = l_i * alpha + tl.load(ML + 2 * slot + ROWS + i, cache_modifier=".cg") * beta
-    acc = (acc * alpha[:, None]
-           + tl.load(ACC + (slot + i)[:, None] * BLOCK_D + dd[None, :], cache_modifier=".cg") * beta[:, None])
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS,
-    BAND, stride_band_bg, NB, ACC, ML, SPLITS, COUNTS,
+    BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
@@ -378,12 +362,8 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles. NEAR_STATE: the
-    near key blocks are `near_attention`'s, whose kernel runs beside this one (`_near_and_saturated`); this kernel
-    takes only the saturated blocks and writes its softmax state to the last of the query block's SPLITS + 1 state
-    slots in ACC / ML; whichever of the SPLITS + 1 programs of the query block (the near
-    kernel's SPLITS and this one) counts itself last in COUNTS merges all the states, writes the rows and sets the
-    count back to zero for the next launch."""
+    """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
+    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
@@ -426,6 +406,17 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged
+        for part in range(SPLITS):
+            state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+            m_k = tl.load(ML + 2 * state + i)
+            m_new = tl.maximum(m_i, m_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            beta = tl.math.exp2(m_k - m_safe)
+            l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+            acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
+            m_i = m_new
     # Saturated tiles in two plain loops: one loop over both ends with a select per block stopped Triton from
     # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
     for blk in range(blk_first, hi_end):
@@ -447,36 +438,17 @@ def _attention_kernel(
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    done = True
-    if NEAR_STATE:
-        slots = pid_bg.to(tl.int64) * (SPLITS + 1)
-        mine = (slots + SPLITS) * ROWS
-        tl.store(ACC + (mine + i)[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(ML + 2 * mine + i, m_i)
-        tl.store(ML + 2 * mine + ROWS + i, l_i)
-        count = COUNTS + (b * H + h) * tl.cdiv(S, BLOCK_M) + pid_m
-        tl.debug_barrier()  # every thread's stores issued before the count (release, GPU scope)
-        done = tl.atomic_add(count, 1, sem="acq_rel") == SPLITS
-        if done:  # every slot in slot order, this program's own too: the same sums whichever program comes last
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for part in tl.range(SPLITS + 1, num_stages=1):  # not pipelined: registers
-                acc, m_i, l_i = _merge_state(acc, m_i, l_i, ACC, ML, (slots + part) * ROWS, i, dd, ROWS, BLOCK_D)
-            tl.store(count, 0)  # ready for the next launch
-    if done:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_sum = tl.zeros([BLOCK_D], tl.float32)
-            for n in range(0, tl.cdiv(S, BLOCK_N)):
-                jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
-                v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None],
-                            other=0.0)
-                v_sum += tl.sum(v.to(tl.float32), 0)
-            out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-        tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
-                 out.to(OUT.dtype.element_ty), mask=io_mask)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
 
 
 @dataclass(frozen=True)
@@ -579,21 +551,18 @@ def near_band(tables: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, po
 
 
 def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, heads: int, head_dim: int,
-                    positions: Positions, h0: int = 0, group: int | None = None,
-                    edges_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
     P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
     [B, group, 4, rows] float32 (P2C at the top index and at index 0, then C2P at both); ranges from
-    `valid_ranges(mask)`. edges_only: the edges alone (tables is then a placeholder), what the saturated tiles
-    beside the near attention read."""
+    `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
     pos = positions.pos
     terms, _, width, _ = pos.shape
     rows = _table_rows(seq)
     edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
-    tab = edges if edges_only else torch.empty((terms, batch, group, rows, width), device=qkv.device,
-                                               dtype=qkv.dtype)
+    tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
     columns = [0] * terms
     if positions.p2c_term is not None:
         columns[positions.p2c_term] = heads * head_dim
@@ -604,10 +573,10 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
         pos, pos.stride(0), pos.stride(1), pos.stride(2),
         mask, mask.stride(0), ranges,
         tab, tab.stride(0), edges, edges.stride(0), edges.stride(1),
-        seq, h0, group, rows, 0 if edges_only else width, width - 1,
+        seq, h0, group, rows, width, width - 1,
         positions.p2c_term if positions.p2c_term is not None else -1,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block, BLOCK_P=block,
-        EVEN_P=edges_only or width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
+        EVEN_P=width % block == 0, KEY_BLOCK=128, DOT_PRECISION=_dot_precision(qkv.dtype),
         num_warps=1 if INTERPRET else 4)
     return tab, edges
 
@@ -659,14 +628,12 @@ def band_kernel_for(qkv: torch.Tensor, heads: int, head_dim: int, tiles: Tiles, 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int | None = None,
-              ranges: torch.Tensor | None = None, band_kernel: str | None = None,
-              counts: torch.Tensor | None = None) -> torch.Tensor:
+              ranges: torch.Tensor | None = None, band_kernel: str | None = None) -> torch.Tensor:
     """Context [B, S, H*D] of one DeBERTa attention layer: position terms, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
     factor: 1/sqrt(D * scale_factor); ranges: `valid_ranges(mask)`, computed here when not given (a model passes
-    one per forward to every layer); band_kernel: see `band_kernel_for`; counts: `arrival_counts(...)` for the near
-    attention, made here when not given (a model makes one per forward). `saturation` overrides the rule's
+    one per forward to every layer); band_kernel: see `band_kernel_for`. `saturation` overrides the rule's
     (hi, lo) bounds for the choice of tile kind: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
@@ -685,22 +652,20 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         return near_attention.near_output(qkv, mask, ranges, positions, heads, head_dim, sat, factor * _LOG2E, out)
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
                              tables=kind == "triton", band=kind != "near")
-    if kind == "near" and positions is not None and counts is None:
-        counts = arrival_counts(batch, seq, heads, qkv.device)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
-        if kind == "near" and positions is not None:
-            _near_and_saturated(qkv, mask, ranges, positions, heads, head_dim, h0, g, sat, factor * _LOG2E, tiles,
-                                counts, out)
-            continue
-        band, slots = qkv, 1  # placeholders for what this launch does not read
+        band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             rows = _table_rows(seq)
-            if kind == "window":  # band and edge vectors in one launch, no tables
+            if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
+                acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
+                                                           sat, factor * _LOG2E)
+                state = (acc, ml, acc.shape[1])
+            elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
                 band, edges = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
                                                     slots, sat)
@@ -710,71 +675,19 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        _attention_kernel[(triton.cdiv(seq, tiles.block_m), batch * g)](
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        _attention_kernel[grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
-            band, band.stride(0), slots, qkv, qkv, 1, mask,
+            band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
-            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=False,
+            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
-
-
-def arrival_counts(batch: int, seq: int, heads: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per (batch, head, 64-row query block), for the near attention's merge: the last
-    program of a query block to finish merges the softmax states and sets its counter back to zero, so one buffer
-    serves every layer of a forward (the layers run one after another). Not to be shared by forwards that may run at
-    the same time."""
-    return torch.zeros(batch * heads * triton.cdiv(seq, window_band.BLOCK), device=device, dtype=torch.int32)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device for the saturated tiles beside the near kernel (no cuBLAS call runs on it)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _near_and_saturated(qkv, mask, ranges, positions, heads, head_dim, h0, g, sat, qk_scale, tiles, counts, out):
-    """Heads h0 .. h0+g-1 with the near attention: the Triton kernel's saturated tiles on a side stream and the near
-    kernel on the caller's, at the same time (in a CUDA graph, two branches); each writes softmax states and the
-    last program of each query block merges them into out. The saturated tiles go first: on an H100 at 2048 tokens
-    the two kernels took 58.6 µs a layer side by side that way against 63.3 the other way round and 68.5 one after
-    the other (results/fused-attention-h100/NOTES.md, v22)."""
-    batch, seq, _ = qkv.shape
-    rows = _table_rows(seq)
-    splits = near_attention.near_splits(qkv.device, batch, seq, g, sat)
-    acc = torch.empty((batch * g, splits + 1, rows, head_dim), device=qkv.device, dtype=torch.float32)
-    ml = torch.empty((batch * g, splits + 1, 2, rows), device=qkv.device, dtype=torch.float32)
-    edges = position_tables(qkv, mask, ranges, heads, head_dim, positions, h0, g, edges_only=True)[1]
-    # (scripts/inspect_kernels.py records these launches on CPU tensors: no streams there)
-    main = side = None
-    if qkv.is_cuda:
-        main, side = torch.cuda.current_stream(qkv.device), _side_stream(qkv.device)
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _attention_kernel[(triton.cdiv(seq, tiles.block_m), batch * g)](
-            qkv, qkv.stride(0), qkv.stride(1),
-            edges, edges.stride(0), edges.stride(1), rows,
-            qkv, 0, 1, acc, ml, splits, counts,
-            mask, mask.stride(0), ranges,
-            out, out.stride(0), out.stride(1),
-            seq, heads, h0, g, sat[0], sat[1], qk_scale,
-            HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, NEAR_STATE=True,
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
-            BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows, sat, qk_scale, splits,
-                              acc, ml, counts, out)
-    if main is not None:
-        main.wait_stream(side)
 
 
 @triton.jit

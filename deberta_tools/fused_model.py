@@ -102,11 +102,9 @@ class _Layer:
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x[0].view(x.shape[1], self.heads, self.head_dim).permute(1, 0, 2)
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, counts: torch.Tensor | None
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
         qkv = torch.nn.functional.linear(x, self.w_qkv, self.b_qkv)
-        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges,
-                           counts=counts)
+        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         return add_layer_norm(self.ffn_dense(self.act(self.inter_dense(h))), h, self.ffn_norm)
 
@@ -152,12 +150,8 @@ class FusedEncoder(nn.Module):
         with torch.no_grad():
             self._prepare(hidden_states.device, hidden_states.dtype)
             ranges = fa.valid_ranges(mask)  # each sequence's first and last token, shared by every layer
-            # The near attention's merge counters, shared by every layer (each sets them back to zero).
-            counts = None
-            if x.is_cuda and self._layers:
-                counts = fa.arrival_counts(x.shape[0], x.shape[1], self._layers[0].heads, x.device)
             for n, layer in enumerate(self._layers):
-                x = layer(x, mask, ranges, counts)
+                x = layer(x, mask, ranges)
                 if n == 0 and self.original.conv is not None:
                     x = self.original.conv(hidden_states, x, attention_mask)
                 if keep:

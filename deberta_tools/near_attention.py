@@ -78,18 +78,15 @@ if wb.gluon is not None:
     @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
-        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, COUNTS, ROWS,
+        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context. Else the
-        softmax state of query i over part `part` of its near key blocks (those `_attention_kernel` would visit, in
-        SPLITS runs of consecutive blocks) into state slot `part` of SPLITS + 1: ACC[bg, part, i, :], ML[bg, part, 0,
-        i], ML[bg, part, 1, i], the unnormalised output, running maximum (log2 units, scale included) and running sum;
-        slot SPLITS is the saturated tiles' (`_attention_kernel` with NEAR_STATE, running beside this kernel).
-        Whichever of the query block's SPLITS + 1 programs counts itself last in COUNTS merges the states, writes
-        OUT's rows and sets the count back to zero."""
+        """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
+        units, scale included) and running sum of query i over part `part` of its near key blocks (those
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
+        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
         m = gl.program_id(0) // SPLITS
         part = gl.program_id(0) % SPLITS
@@ -121,6 +118,20 @@ if wb.gluon is not None:
         per = (lo_start - hi_end + SPLITS - 1) // SPLITS
         start = gl.minimum(hi_end + part * per, lo_start)
         stop = gl.minimum(start + per, lo_start)
+
+        # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
+        # a token between the first and last valid ones, so every key block another program reads is covered.
+        # FINAL: there are no saturated tiles.
+        if not FINAL:
+            if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
+                edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
+                if HAS_C2P:
+                    wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd,
+                              0.0)
+                if HAS_P2C:
+                    k_d = wb._load_tile(qkv_b, i, stride_qkv_s, (H + h) * HEAD_DIM, dd, S)
+                    wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
+                              gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
@@ -223,37 +234,7 @@ if wb.gluon is not None:
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-        done = True
-        if not FINAL:
-            slots = pid_bg.to(gl.int64) * (SPLITS + 1)
-            mine = (slots + part) * ROWS
-            r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
-            gl.store(ACC + (mine + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
-            gl.store(ML + 2 * mine + r_s, m_i)
-            gl.store(ML + 2 * mine + ROWS + r_s, l_i)
-            count = COUNTS + (b * H + h) * gl.cdiv(S, BLOCK) + m
-            gl.thread_barrier()  # every thread's stores issued before the count (release, GPU scope)
-            done = gl.atomic_add(count, 1, sem="acq_rel") == SPLITS
-            if done:
-                # Every slot in slot order, this program's own too: the same sums whichever program comes last.
-                # Written by other programs of this launch or of the one beside it: read past the L1 cache.
-                m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
-                l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
-                acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
-                for k in range(SPLITS + 1):
-                    other = (slots + k) * ROWS
-                    m_k = gl.load(ML + 2 * other + r_s, cache_modifier=".cg")
-                    m_new = gl.maximum(m_i, m_k)
-                    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = gl.exp2(m_i - m_safe)
-                    beta = gl.exp2(m_k - m_safe)
-                    l_i = l_i * alpha + gl.load(ML + 2 * other + ROWS + r_s, cache_modifier=".cg") * beta
-                    acc_k = gl.load(ACC + (other + r_o)[:, None] * HEAD_DIM + d_o[None, :], cache_modifier=".cg")
-                    acc = (acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-                           + acc_k * gl.convert_layout(beta, gl.SliceLayout(1, o_l))[:, None])
-                    m_i = m_new
-                gl.store(count, 0)  # ready for the next launch
-        if done:  # as the Triton kernel ends
+        if FINAL:  # as the Triton kernel ends
             out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
             valid = gl.convert_layout(qvalid, gl.SliceLayout(1, o_l))
             if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
@@ -267,6 +248,12 @@ if wb.gluon is not None:
                 out = gl.where(valid[:, None], out, v_mean[None, :])
             gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :],
                      out.to(dtype), mask=(r_o < S)[:, None])
+        else:
+            base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
+            gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
+            r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
+            gl.store(ML + 2 * base + r_s, m_i)
+            gl.store(ML + 2 * base + ROWS + r_s, l_i)
 
 
 @lru_cache(maxsize=None)
@@ -285,23 +272,23 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
-def near_splits(device: torch.device, batch: int, seq: int, group: int, saturation: tuple[int, int]) -> int:
-    """`splits_for` a launch of `group` heads: how many programs share one query block's near key blocks."""
-    return splits_for(device, triton.cdiv(seq, wb.BLOCK), batch * group,
-                      fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
-
-
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
-               h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float, splits: int,
-               acc: torch.Tensor, ml: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
-    """The near key blocks of heads h0 .. h0+group-1 in `splits` parts, each part's softmax state into its slot of
-    acc [B * group, splits + 1, rows, D] and ml [B * group, splits + 1, 2, rows] float32 (running max in log2 units
-    with qk_scale = factor * log2(e), running sum); slot `splits` is for the saturated tiles, which
-    `fused_attention._attention_kernel` (NEAR_STATE) takes beside this kernel. counts: int32, zero, one per (batch,
-    head, query block) of all heads; the last of a query block's splits + 1 programs merges the states into out [B,
-    S, H * D] and sets its count back to zero. `window_band.supported(...)` must hold."""
+               h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
+               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
+    (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
+    as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
+    batch, seq, _ = qkv.shape
+    if splits is None:
+        splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
+                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
+    acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
+    ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, counts, out, final=False)
+            acc, ml, edges, None)
+    return acc, ml, edges
 
 
 # Where every tile is near the diagonal, the near kernel writes the context itself (one program per query block: no
@@ -324,8 +311,7 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
                 saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
     """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
     tiles, so no state and no Triton kernel after this one."""
-    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out,
-            final=True)
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
     return out
 
 
@@ -335,13 +321,17 @@ MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, counts, out, final):
+            acc, ml, edges, out):
     batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
+    final = out is not None
+    out = out if final else qkv  # a placeholder when the state is written
+    edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     _near_attention_kernel[(triton.cdiv(seq, wb.BLOCK) * splits, batch * group)](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
-        dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml, counts, rows, out, out.stride(0), out.stride(1),
+        dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
+        edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
