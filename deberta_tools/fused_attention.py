@@ -364,12 +364,16 @@ def _attention_kernel(
 ):
     """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
     starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
-    # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
-    # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30 ms
-    # a forward with the near kernel's order, results/fused-attention-h100/NOTES.md, v23).
-    pid_bg = tl.program_id(0)
-    p = tl.program_id(1)
-    pid_m = tl.where(p % 2 == 0, p // 2, tl.num_programs(1) - 1 - p // 2)
+    if NEAR_STATE:
+        # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
+        # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
+        # ms a forward with the near kernel's order, results/fused-attention-h100/NOTES.md, v23).
+        pid_bg = tl.program_id(0)
+        p = tl.program_id(1)
+        pid_m = tl.where(p % 2 == 0, p // 2, tl.num_programs(1) - 1 - p // 2)
+    else:  # grid (query blocks, B * G)
+        pid_m = tl.program_id(0)
+        pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     h = H0 + g
@@ -679,7 +683,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        _attention_kernel[(batch * g, triton.cdiv(seq, tiles.block_m))](
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        _attention_kernel[grid[::-1] if kind == "near" and positions is not None else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
             band, band.stride(0), slots, *state,

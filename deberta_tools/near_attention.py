@@ -88,14 +88,19 @@ if wb.gluon is not None:
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
         FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
-        # Grid (B * G, query blocks x SPLITS), heads fastest and the query blocks from the middle outwards: the
-        # blocks with the most near blocks start first (fused_attention._attention_kernel's order, the other way
-        # round).
-        pid_bg = gl.program_id(0)
-        mq = gl.program_id(1) // SPLITS
-        part = gl.program_id(1) % SPLITS
-        c = (gl.cdiv(S, BLOCK) - 1) // 2
-        m = gl.where(mq % 2 == 0, c - mq // 2, c + 1 + mq // 2)
+        if FINAL:  # grid (query blocks, B * G)
+            m = gl.program_id(0) // SPLITS
+            part = gl.program_id(0) % SPLITS
+            pid_bg = gl.program_id(1)
+        else:
+            # Grid (B * G, query blocks x SPLITS), heads fastest and the query blocks from the middle outwards: the
+            # blocks with the most near blocks start first (fused_attention._attention_kernel's order, the other way
+            # round; NOTES.md, v23).
+            pid_bg = gl.program_id(0)
+            mq = gl.program_id(1) // SPLITS
+            part = gl.program_id(1) % SPLITS
+            c = (gl.cdiv(S, BLOCK) - 1) // 2
+            m = gl.where(mq % 2 == 0, c - mq // 2, c + 1 + mq // 2)
         b = (pid_bg // G).to(gl.int64)
         h = H0 + pid_bg % G
         i0 = m * BLOCK
@@ -332,7 +337,8 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
     final = out is not None
     out = out if final else qkv  # a placeholder when the state is written
     edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
-    _near_attention_kernel[(batch * group, triton.cdiv(seq, wb.BLOCK) * splits)](
+    grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
+    _near_attention_kernel[grid if final else grid[::-1]](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
