@@ -363,7 +363,8 @@ def _attention_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
-    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`)."""
+    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`). Grid
+    (query blocks, B * G), with NEAR_STATE (B * G, query blocks)."""
     if NEAR_STATE:
         # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
         # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
@@ -683,15 +684,16 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
+        near_state = positions is not None and kind == "near"
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
-        _attention_kernel[grid[::-1] if kind == "near" and positions is not None else grid](
+        _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
             band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
-            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=positions is not None and kind == "near",
+            HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
