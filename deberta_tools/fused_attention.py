@@ -37,7 +37,6 @@ The Triton kernels run compiled on NVIDIA GPUs and on the CPU under TRITON_INTER
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -448,154 +447,15 @@ def _attention_kernel(
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
             True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    out = _context(acc, l_i, qvalid, row_ok, QKV_B, stride_qkv_s, V_COL, S, BLOCK_D, BLOCK_N)
-    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
-             out.to(OUT.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
-def _context(acc, l_i, qvalid, row_ok, QKV_B, stride_qkv_s, V_COL, S, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A query block's rows of the context from its softmax state: acc / l, and for padded query rows (Hugging Face
-    gives them the same score for every key) the mean of all S value rows."""
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-        dd = tl.arange(0, BLOCK_D)
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
         v_sum = tl.zeros([BLOCK_D], tl.float32)
         for n in range(0, tl.cdiv(S, BLOCK_N)):
             jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
             v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
             v_sum += tl.sum(v.to(tl.float32), 0)
         out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-    return out
-
-
-@triton.jit
-def _saturated_kernel(
-    QKV, stride_qkv_b, stride_qkv_s,
-    POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM, TOP,
-    MASK, stride_mask_b, RANGES, ACC, ML, SLOTS, SLOT0, PARTS, ROWS,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """The softmax state of one query block over share `part` (of PARTS) of its saturated key blocks, into slot
-    SLOT0 + part of ACC / ML (as near_attention writes its slots). Grid (B * G, query blocks x PARTS).
-
-    Every pair of a saturated run reads the same position row: Kr[t] for C2P and Qr[t] for P2C, t the top index
-    below the diagonal and 0 above it. So Q_i.K_j + Q_i.Kr[t] + K_j.Qr[t] = (Q_i + Qr[t]).K_j + Q_i.Kr[t]: a plain
-    flash loop with Qr[t] added to the query block once, and the row constant Q_i.Kr[t] added to the running maximum
-    once per run instead of to every tile. Nothing comes from another kernel, so this kernel can run beside the
-    near one."""
-    pid_bg = tl.program_id(0)
-    p = tl.program_id(1)
-    part = p % PARTS
-    n_q = tl.num_programs(1) // PARTS
-    # query blocks from both ends inwards: the most saturated blocks first (as _attention_kernel, v23)
-    pid_m = tl.where(p // PARTS % 2 == 0, p // PARTS // 2, n_q - 1 - p // PARTS // 2)
-    b = (pid_bg // G).to(tl.int64)
-    h = H0 + pid_bg % G
-    i0 = pid_m * BLOCK_M
-    i = i0 + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = i < S
-    QKV_B = QKV + b * stride_qkv_b
-    if HEAD_DIM == BLOCK_D:
-        io_mask = row_ok[:, None]
-        d_ok = dd < BLOCK_D
-    else:
-        io_mask = row_ok[:, None] & (dd[None, :] < HEAD_DIM)
-        d_ok = dd < HEAD_DIM
-    q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=io_mask, other=0.0)
-    K_COL = H * HEAD_DIM + h * HEAD_DIM
-    V_COL = 2 * H * HEAD_DIM + h * HEAD_DIM
-    MASK_B = MASK + b * stride_mask_b
-    qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
-    first = tl.load(RANGES + 2 * b)
-    last = tl.load(RANGES + 2 * b + 1)
-    blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
-                                                       SAT_HI, SAT_LO, BLOCK_M, BLOCK_N)
-    # This program's share of the two runs taken end to end: [lo, hi) of their n_top + n_zero blocks.
-    n_top = hi_end - blk_first
-    total = n_top + blk_end - lo_start
-    per = (total + PARTS - 1) // PARTS
-    lo = tl.minimum(part * per, total)
-    hi = tl.minimum(lo + per, total)
-
-    pos_h = POS + h * stride_pos_h
-    qf = q.to(tl.float32)
-    c_top = tl.zeros([BLOCK_M], tl.float32)
-    c_zero = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_C2P:
-        kr = pos_h + C2P_TERM * stride_pos_t + dd
-        c_top = tl.sum(qf * tl.load(kr + TOP * stride_pos_p, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
-        c_zero = tl.sum(qf * tl.load(kr, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
-    q_top = q
-    q_zero = q
-    if HAS_P2C:
-        qr = pos_h + P2C_TERM * stride_pos_t + dd
-        q_top = (qf + tl.load(qr + TOP * stride_pos_p, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(q.dtype)
-        q_zero = (qf + tl.load(qr, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(q.dtype)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Plain flash loops (the key mask loaded per block), one per run: a select per block stopped the pipelining.
-    for blk in range(blk_first + tl.minimum(lo, n_top), blk_first + tl.minimum(hi, n_top)):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q_top, blk * BLOCK_N, c_top, MASK_B, QKV_B,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            False, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    # The state so far lacks the top run's row constant, the next run's scores lack their own: shift by the
-    # difference (-inf stays -inf), and by the second run's constant once at the end.
-    m_i += (c_top - c_zero) * qk_scale
-    for blk in range(lo_start + tl.maximum(lo - n_top, 0), lo_start + tl.maximum(hi - n_top, 0)):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q_zero, blk * BLOCK_N, c_zero, MASK_B, QKV_B,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            False, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    m_i += c_zero * qk_scale
-    state = (pid_bg.to(tl.int64) * SLOTS + SLOT0 + part) * ROWS
-    tl.store(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :], acc)
-    tl.store(ML + 2 * state + i, m_i)
-    tl.store(ML + 2 * state + ROWS + i, l_i)
-
-
-@triton.jit
-def _merge_kernel(
-    ACC, ML, SLOTS, ROWS, QKV, stride_qkv_b, stride_qkv_s, MASK, stride_mask_b, OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Out rows of one query block from the SLOTS softmax states of its parts (merged in slot order: the result does
-    not depend on which kernel finished first). Grid (query blocks, B * G)."""
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    h = H0 + pid_bg % G
-    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = i < S
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for slot in range(SLOTS):
-        state = (pid_bg.to(tl.int64) * SLOTS + slot) * ROWS
-        m_k = tl.load(ML + 2 * state + i)
-        m_new = tl.maximum(m_i, m_k)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        beta = tl.math.exp2(m_k - m_safe)
-        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
-        acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
-        m_i = m_new
-    QKV_B = QKV + b * stride_qkv_b
-    qvalid = tl.load(MASK + b * stride_mask_b + i, mask=row_ok, other=0) != 0
-    out = _context(acc, l_i, qvalid, row_ok, QKV_B, stride_qkv_s, 2 * H * HEAD_DIM + h * HEAD_DIM, S, BLOCK_D,
-                   BLOCK_N)
-    if HEAD_DIM == BLOCK_D:
-        io_mask = row_ok[:, None]
-    else:
-        io_mask = row_ok[:, None] & (dd[None, :] < HEAD_DIM)
     tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
              out.to(OUT.dtype.element_ty), mask=io_mask)
 
@@ -810,10 +670,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             rows = _table_rows(seq)
-            if kind == "near" and SATURATED == "merge":
-                _near_and_saturated(qkv, mask, ranges, positions, heads, head_dim, h0, g, sat, factor * _LOG2E,
-                                    tiles, out)
-                continue
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
                                                            sat, factor * _LOG2E)
@@ -842,101 +698,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
-
-
-# How the near attention's saturated tiles run: "merge" (v24), `_saturated_kernel` beside the near kernel (a side
-# stream when CONCURRENT), both writing softmax states, then `_merge_kernel`; "state" (v11-v23), `_attention_kernel`
-# after the near kernel, starting from its state and needing its edge vectors.
-SATURATED = "merge"
-CONCURRENT = True
-# Programs per multiprocessor `_saturated_kernel` aims for: a query block's saturated blocks are split into parts
-# when query blocks x batch x heads alone are fewer.
-SATURATED_PROGRAMS_PER_SM = 3.0
-
-
-@lru_cache(maxsize=None)
-def saturated_most(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> int:
-    """The most saturated key blocks any row block has (both runs together)."""
-    blocks = triton.cdiv(seq_len, block_n)
-    most = 0
-    for i0 in range(0, seq_len, block_m):
-        first, end = _near_range(saturation, seq_len, i0, block_m, block_n)
-        most = max(most, first + blocks - end)
-    return most
-
-
-def saturated_parts(device: torch.device, query_blocks: int, programs: int, most: int) -> int:
-    """How many programs share one query block's saturated key blocks: enough for SATURATED_PROGRAMS_PER_SM per
-    multiprocessor when `query_blocks` x `programs` (batch x heads) alone are fewer, at most `most`."""
-    want = SATURATED_PROGRAMS_PER_SM * near_attention._multiprocessors(device)
-    return max(1, min(most, math.ceil(want / (query_blocks * programs))))
-
-
-def saturated_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions: Positions, heads: int,
-                    head_dim: int, h0: int, group: int, saturation: tuple[int, int], qk_scale: float, tiles: Tiles,
-                    acc: torch.Tensor, ml: torch.Tensor, slot0: int, parts: int) -> None:
-    """Softmax states of heads h0 .. h0+group-1 over their saturated key blocks, each query block's in `parts`
-    parts, into slots slot0 .. slot0 + parts - 1 of acc [B * group, slots, rows, BLOCK_D] and ml [B * group, slots,
-    2, rows] (`_saturated_kernel`)."""
-    batch, seq, _ = qkv.shape
-    pos = positions.pos
-    _saturated_kernel[(batch * group, triton.cdiv(seq, tiles.block_m) * parts)](
-        qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
-        positions.c2p_term or 0, positions.p2c_term or 0, pos.shape[2] - 1,
-        mask, mask.stride(0), ranges, acc, ml, acc.shape[1], slot0, parts, acc.shape[2],
-        seq, heads, h0, group, saturation[0], saturation[1], qk_scale,
-        HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        DOT_PRECISION=_dot_precision(qkv.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def merge_states(acc: torch.Tensor, ml: torch.Tensor, qkv: torch.Tensor, mask: torch.Tensor, heads: int,
-                 head_dim: int, h0: int, group: int, tiles: Tiles, out: torch.Tensor) -> None:
-    """Heads h0 .. h0+group-1 of the context into out [B, S, H * D] from every slot of acc / ml (`_merge_kernel`)."""
-    batch, seq, _ = qkv.shape
-    _merge_kernel[(triton.cdiv(seq, tiles.block_m), batch * group)](
-        acc, ml, acc.shape[1], acc.shape[2], qkv, qkv.stride(0), qkv.stride(1), mask, mask.stride(0),
-        out, out.stride(0), out.stride(1), seq, heads, h0, group,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        num_warps=tiles.num_warps)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device for the saturated tiles beside the near kernel (no cuBLAS call runs on it)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-def _near_and_saturated(qkv, mask, ranges, positions, heads, head_dim, h0, group, saturation, qk_scale, tiles, out):
-    """Heads h0 .. h0+group-1 with the near attention: `_saturated_kernel` (first, on a side stream when CONCURRENT)
-    and the near kernel each write softmax states into their own slots, then `_merge_kernel` writes the context."""
-    batch, seq, _ = qkv.shape
-    rows = _table_rows(seq)
-    blocks = triton.cdiv(seq, tiles.block_m)
-    splits = near_attention.splits_for(qkv.device, blocks, batch * group,
-                                       near_slots(saturation, seq, tiles.block_m, tiles.block_n))
-    parts = saturated_parts(qkv.device, blocks, batch * group,
-                            saturated_most(saturation, seq, tiles.block_m, tiles.block_n))
-    width = triton.next_power_of_2(head_dim)
-    acc = torch.empty((batch * group, splits + parts, rows, width), device=qkv.device, dtype=torch.float32)
-    ml = torch.empty((batch * group, splits + parts, 2, rows), device=qkv.device, dtype=torch.float32)
-    # (scripts/inspect_kernels.py records these launches on CPU tensors: no streams there)
-    main = side = None
-    if CONCURRENT and qkv.is_cuda:
-        main, side = torch.cuda.current_stream(qkv.device), _side_stream(qkv.device)
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        saturated_state(qkv, mask, ranges, positions, heads, head_dim, h0, group, saturation, qk_scale, tiles,
-                        acc, ml, splits, parts)
-    near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale,
-                              splits, acc, ml)
-    if side is not None:
-        main.wait_stream(side)
-    merge_states(acc, ml, qkv, mask, heads, head_dim, h0, group, tiles, out)
 
 
 @triton.jit

@@ -79,15 +79,13 @@ if wb.gluon is not None:
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, SLOTS,
-        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, EDGES_TOO: gl.constexpr,
-        HEAD_DIM: gl.constexpr,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
+        HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i] (SLOTS parts per bg, this kernel's the first
-        SPLITS): the unnormalised output, running maximum (log2 units, scale included) and running sum of query i
-        over part `part` of its near key blocks (those `_attention_kernel` would visit, in SPLITS runs of consecutive
-        blocks); with EDGES_TOO, EDGES as window_band writes them.
+        """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
+        units, scale included) and running sum of query i over part `part` of its near key blocks (those
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
         FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
         if FINAL:  # grid (query blocks, B * G)
@@ -134,7 +132,7 @@ if wb.gluon is not None:
         # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
         # a token between the first and last valid ones, so every key block another program reads is covered.
         # FINAL: there are no saturated tiles.
-        if EDGES_TOO:
+        if not FINAL:
             if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
                 edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
                 if HAS_C2P:
@@ -261,7 +259,7 @@ if wb.gluon is not None:
             gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :],
                      out.to(dtype), mask=(r_o < S)[:, None])
         else:
-            base = (pid_bg.to(gl.int64) * SLOTS + part) * ROWS
+            base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
             gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
             r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
             gl.store(ML + 2 * base + r_s, m_i)
@@ -286,23 +284,18 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
 
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None, acc: torch.Tensor | None = None,
-               ml: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
-    (default `splits_for`), acc [B * group, slots, rows, D] and ml [B * group, slots, 2, rows] float32 (running max
-    in log2 units with qk_scale = factor * log2(e), running sum), parts in slots 0 .. splits - 1, and the saturated
-    tiles' vectors [B, group, 4, rows] as `fused_attention.position_tables` returns them. Given acc and ml (more
-    slots than splits, the rest for `fused_attention`'s saturated parts), no edges (None): the saturated parts make
-    their own terms. `window_band.supported(...)` must hold."""
+    (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
+    as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
                             fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
-    edges = None
-    if acc is None:
-        acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
-        ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
-        edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
+    ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
             acc, ml, edges, None)
     return acc, ml, edges
@@ -328,7 +321,7 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
                 saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
     """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
     tiles, so no state and no Triton kernel after this one."""
-    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, None, out)
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
     return out
 
 
@@ -343,17 +336,14 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
     pos, dist_lo = wb.by_distance(positions, qkv.device)
     final = out is not None
     out = out if final else qkv  # a placeholder when the state is written
-    edges_too = edges is not None
-    edge_strides = (edges.stride(0), edges.stride(1)) if edges_too else (0, 0)
-    edges = edges if edges_too else qkv
+    edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
     _near_attention_kernel[grid if final else grid[::-1]](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
-        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, 1 if final else acc.shape[1],
+        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        EDGES_TOO=edges_too,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -75,8 +75,7 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     """Run `fused_attention.attention` on CPU tensors with every kernel launch recorded instead of run (the
     demo config's position rule); band "window" or "near" takes that Gluon kernel as if on a Hopper GPU."""
     calls = []
-    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel",
-                 "_saturated_kernel", "_merge_kernel"):
+    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)

@@ -51,9 +51,10 @@ def test_saturation_bounds_match_the_rule():
         assert rule.index(torch.tensor([lo + 1]))[0] != 0 and torch.all(rule.index(torch.arange(lo - 3000, lo + 1)) == 0)
 
 
-def _layer_case(name, batch, seq, seed=0, lengths=None, dtype=torch.float32, hole=None, **extra):
-    """(want, layer, qkv, mask): float64 Hugging Face attention of layer 0 on a padded batch, and the fused path's
-    layer (fp32 or `dtype`), its QKV projection of the same inputs and the int32 mask, on DEVICE."""
+def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, dtype=torch.float32, band_kernel=None,
+                    hole=None, **extra):
+    """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 (or `dtype`) inputs of the same
+    layer."""
     torch.manual_seed(seed)
     ref_model = make_model(name, **extra).double()
     enc = ref_model.encoder
@@ -72,19 +73,11 @@ def _layer_case(name, batch, seq, seed=0, lengths=None, dtype=torch.float32, hol
         encoder._prepare(torch.device(DEVICE), dtype)
         layer = encoder._layers[0]
         qkv = torch.nn.functional.linear(x.to(dtype).to(DEVICE), layer.w_qkv, layer.b_qkv)
-    return want, layer, qkv, mask.to(torch.int32).to(DEVICE)
-
-
-def _attention_case(name, batch, seq, seed=0, table_budget=None, band_kernel=None, **kw):
-    """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 (or `dtype`) inputs of the same
-    layer: (relative L2, the layer's position rule)."""
-    want, layer, qkv, mask = _layer_case(name, batch, seq, seed, **kw)
-    out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE, dtype=qkv.dtype)
-    with torch.no_grad():
-        fa.attention(qkv, mask, layer.heads, layer.head_dim, layer.positions, layer.factor, out=out,
-                     table_budget=table_budget, band_kernel=band_kernel)
+        out = torch.full((batch, seq, layer.heads * layer.head_dim), float("nan"), device=DEVICE, dtype=dtype)
+        fa.attention(qkv, mask.to(torch.int32).to(DEVICE), layer.heads, layer.head_dim, layer.positions,
+                     layer.factor, out=out, table_budget=table_budget, band_kernel=band_kernel)
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite outputs"
-    return _rel(out, want), None if layer.positions is None else layer.positions.rule
+    return _rel(out, want), encoder.rule
 
 
 @pytest.mark.parametrize("name,extra,seq", [
@@ -136,74 +129,6 @@ def test_mostly_padded_sequences_match_float64():
     last token (and one sequence with no token at all keeps Hugging Face's uniform rows)."""
     err, _ = _attention_case("v3", batch=4, seq=150, lengths=[150, 20, 131, 0], **SMALL_SPAN)
     assert err < 1e-5
-
-
-def _near_states(layer, qkv, mask, tiles, slots):
-    """float64 softmax states (acc, m in log2 units with the scale, l) of every query block over its near key
-    blocks (`fa._near_range`: what the Gluon near kernel visits), each block's near keys split over `slots` parts in
-    turn: [B * H, slots, rows, D] and [B * H, slots, 2, rows] float32, as near_attention.near_state writes them. The
-    scores are DeBERTa's, written out here: Q.Kᵀ + Q.Kr[idx(i - j)] + K_j.Qr[idx(i - j)], padded keys -inf."""
-    batch, seq, _ = qkv.shape
-    heads, dim, pos = layer.heads, layer.head_dim, layer.positions
-    q, k, v = qkv.double().cpu().view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4)  # [B, H, S, D] each
-    idx = pos.rule.index(torch.arange(seq)[:, None] - torch.arange(seq)[None, :])
-    rel = pos.pos.double().cpu()
-    scores = q @ k.transpose(-1, -2)
-    if pos.c2p_term is not None:
-        scores += torch.gather(q @ rel[pos.c2p_term].transpose(-1, -2), 3, idx.expand(batch, heads, seq, seq))
-    if pos.p2c_term is not None:
-        p2c = k @ rel[pos.p2c_term].transpose(-1, -2)  # [B, H, key, index]
-        scores += torch.gather(p2c, 3, idx.t().expand(batch, heads, seq, seq)).transpose(-1, -2)
-    scores = scores * layer.factor * 1.4426950408889634
-    scores = scores.masked_fill(mask.cpu()[:, None, None, :] == 0, float("-inf"))
-    rows = fa._table_rows(seq)
-    acc = torch.zeros(batch, heads, slots, rows, dim, dtype=torch.float64)
-    ml = torch.zeros(batch, heads, slots, 2, rows, dtype=torch.float64)
-    ml[:, :, :, 0] = float("-inf")
-    for i0 in range(0, seq, tiles.block_m):
-        first, end = fa._near_range(layer.positions.rule.saturation, seq, i0, tiles.block_m, tiles.block_n)
-        blocks = list(range(first, end))
-        for slot in range(slots):
-            keys = [j for blk in blocks[slot::slots]
-                    for j in range(blk * tiles.block_n, min(seq, (blk + 1) * tiles.block_n))]
-            if not keys:
-                continue
-            r = slice(i0, min(seq, i0 + tiles.block_m))
-            t = scores[:, :, r, keys]
-            m = t.max(-1).values
-            p = torch.exp2(t - torch.where(m == float("-inf"), 0.0, m)[..., None])
-            acc[:, :, slot, r] = p @ v[:, :, keys]
-            ml[:, :, slot, 0, r] = m
-            ml[:, :, slot, 1, r] = p.sum(-1)
-    return acc.flatten(0, 1).float().to(DEVICE), ml.flatten(0, 1).float().to(DEVICE)
-
-
-@pytest.mark.parametrize("name,parts", [("v3", 1), ("v3", 3), ("v3", 50), ("c2p_only", 2), ("p2c_only", 2),
-                                        ("linear", 2)])
-def test_saturated_parts_and_merge_match_float64(name, parts):
-    """The saturated key blocks in `parts` programs per query block (50: more than any block has, so some programs
-    have none), each writing its softmax state, then the merge of those states with the near blocks' (made here in
-    float64, split over two slots: what the Gluon near kernel writes on a GPU) into the context: against Hugging
-    Face in float64, padded sequences, one with a hole, one with no token. The saturated kernel adds Qr[t] to the
-    query block and Q.Kr[t] to the running maximum instead of a vector per tile; a wrong index, row constant or
-    order of slots is far over 1e-5."""
-    extra = dict(max_relative_positions=12) if name == "linear" else SMALL_SPAN
-    want, layer, qkv, mask = _layer_case(name, batch=4, seq=90, lengths=[90, 70, 0, 90], hole=(3, 20, 45), **extra)
-    tiles = fa.default_tiles(layer.head_dim, qkv.dtype)
-    assert fa.saturated_most(layer.positions.rule.saturation, 90, tiles.block_m, tiles.block_n) > 2
-    near_acc, near_ml = _near_states(layer, qkv, mask, tiles, 2)
-    acc = torch.full((near_acc.shape[0], 2 + parts, *near_acc.shape[2:]), float("nan"), device=DEVICE)
-    ml = torch.full((near_ml.shape[0], 2 + parts, *near_ml.shape[2:]), float("nan"), device=DEVICE)
-    acc[:, :2], ml[:, :2] = near_acc, near_ml
-    heads, dim = layer.heads, layer.head_dim
-    out = torch.full((4, 90, heads * dim), float("nan"), device=DEVICE)
-    with torch.no_grad():
-        fa.saturated_state(qkv, mask, fa.valid_ranges(mask), layer.positions, heads, dim, 0, heads,
-                           layer.positions.rule.saturation, layer.factor * 1.4426950408889634, tiles, acc, ml, 2, parts)
-        fa.merge_states(acc, ml, qkv, mask, heads, dim, 0, heads, tiles, out)
-    assert torch.isfinite(out).all()
-    err = _rel(out, want)
-    assert err < 1e-5, f"{name}, {parts} parts: relative L2 {err:.2e}"
 
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
