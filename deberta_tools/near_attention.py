@@ -45,7 +45,8 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
     @gluon.jit
     def _copy_tile(dst, base, r, stride_r, col, dd, S):
@@ -159,7 +160,8 @@ if wb.gluon is not None:
         ks_s = k_s  # stands in without P2C (never read)
         if HAS_P2C:
             ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-        v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
+        # Block n's V in slot n % 2: the next block's V is copied while this block's P.V may still read its own.
+        v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
         wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
         s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -167,6 +169,8 @@ if wb.gluon is not None:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        p2c_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, WIN, 16])
         cols = wb._key_order(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
@@ -182,14 +186,14 @@ if wb.gluon is not None:
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
         # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's K and
         # windows are issued as soon as this block's products have read them and land while this block's skews and
-        # softmax run; its V once P.V has, waited for only before the next P.V (the products and the softmax run
-        # while it lands).
+        # softmax run; its V (into the other of V's two slots) once this block's P.V is issued, waited for only
+        # before the next P.V (the products and the softmax run while it lands).
         if start < stop:
             _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, spread,
                        rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C,
                        True, BLOCK)
             async_copy.commit_group()
-            _copy_tile(v_s, qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
+            _copy_tile(v_s.index(0), qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
             if HAS_C2P:
                 async_copy.wait_group(1)
@@ -205,14 +209,25 @@ if wb.gluon is not None:
             async_copy.wait_group(1)  # this block's K and windows (its V may still be on its way)
             fence_async_shared()
             gl.thread_barrier()
-            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False)
+            # The three products issued back to back (asynchronous wgmma): C2P's half first, skewed while Q.Kᵀ and
+            # P2C's product are still on the tensor cores (v25).
             if HAS_C2P:
-                upper = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
-                                      gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
-                s += wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
-                c2p_half = upper
+                up_t = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                                     gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False, is_async=True)
+            s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
+                                is_async=True)
             if HAS_P2C:
-                p2c = wb._window_product(ks_s, wp_s, BLOCK, num_warps)
+                p2c_t = warpgroup_mma(ks_s, wp_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, p2c_l),
+                                      use_acc=False, is_async=True)
+            if HAS_C2P:
+                upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
+                c2p_half = upper
+                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
+            else:
+                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
+            if HAS_P2C:
+                p2c = warpgroup_mma_wait(0, deps=[p2c_t])
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:  # the next block's; its upper half goes where this block's lower half was
                 _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys,
@@ -236,10 +251,11 @@ if wb.gluon is not None:
                 async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s, acc)
-            gl.thread_barrier()  # every warp is done with v_s
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
+            # No barrier before the next V: its slot was read by the previous block's P.V, which every warp had
+            # waited for before this block's first barrier.
             if more:
-                _copy_tile(v_s, qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
+                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
                 async_copy.commit_group()
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
