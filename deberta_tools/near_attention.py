@@ -160,7 +160,7 @@ if wb.gluon is not None:
         ks_s = k_s  # stands in without P2C (never read)
         if HAS_P2C:
             ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-        # Block n's V in slot n % 2: the next block's V is copied while this block's P.V may still read its own.
+        # Block n's V in slot n % 2: the next block's V goes to the other slot, with no barrier after P.V (v25).
         v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
         wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
