@@ -169,8 +169,6 @@ if wb.gluon is not None:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        p2c_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, WIN, 16])
         cols = wb._key_order(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
@@ -217,8 +215,7 @@ if wb.gluon is not None:
             s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
                                 is_async=True)
             if HAS_P2C:
-                p2c_t = warpgroup_mma(ks_s, wp_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, p2c_l),
-                                      use_acc=False, is_async=True)
+                p2c_t = wb._window_product(ks_s, wp_s, BLOCK, num_warps, True)
             if HAS_C2P:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
