@@ -136,26 +136,36 @@ class Positions:
     p2c_term: int | None
 
 
+# valid_ranges' row: first, last, holes and a pad to 16 bytes
+RANGE_WIDTH: tl.constexpr = tl.constexpr(4)
+
+
 @triton.jit
 def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr):
-    """RANGES[b] = (first, last): the first and last valid token of sequence b's mask (S and -1 when it has none)."""
+    """RANGES[b] = (first, last, holes, 0): the first and last valid token of sequence b's mask (S and -1 when it has
+    none) and whether a padded token lies between them (1) or not (0)."""
     b = tl.program_id(0)
     first = S + 0
     last = S * 0 - 1
+    count = S * 0
     for s0 in range(0, S, SCAN):
         o = s0 + tl.arange(0, SCAN)
         ok = tl.load(MASK + b.to(tl.int64) * stride_mask_b + o, mask=o < S, other=0) != 0
         first = tl.minimum(first, tl.min(tl.where(ok, o, S), 0))
         last = tl.maximum(last, tl.max(tl.where(ok, o, -1), 0))
-    tl.store(RANGES + 2 * b, first)
-    tl.store(RANGES + 2 * b + 1, last)
+        count += tl.sum(ok.to(tl.int32), 0)
+    tl.store(RANGES + RANGE_WIDTH * b, first)
+    tl.store(RANGES + RANGE_WIDTH * b + 1, last)
+    tl.store(RANGES + RANGE_WIDTH * b + 2, (count > 0) & (count != last - first + 1))
+    tl.store(RANGES + RANGE_WIDTH * b + 3, 0)
 
 
 def valid_ranges(mask: torch.Tensor) -> torch.Tensor:
-    """[B, 2] int32: each sequence's first and last valid token (S and -1 without one). One launch per forward:
-    every kernel of every layer reads it to skip rows, keys and tiles past the last token."""
+    """[B, RANGE_WIDTH] int32: each sequence's first and last valid token (S and -1 without one) and whether a
+    padded token lies between them. One launch per forward: every kernel of every layer reads it to skip rows,
+    keys and tiles past the last token, and the near kernel to skip the key mask of blocks with none."""
     batch, seq = mask.shape
-    ranges = torch.empty((batch, 2), device=mask.device, dtype=torch.int32)
+    ranges = torch.empty((batch, RANGE_WIDTH), device=mask.device, dtype=torch.int32)
     _valid_ranges_kernel[(batch,)](mask, mask.stride(0), ranges, seq, SCAN=64 if INTERPRET else 1024,
                                    num_warps=1 if INTERPRET else 4)
     return ranges
@@ -183,7 +193,7 @@ def _position_tables_kernel(
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     h = H0 + g
-    last = tl.load(RANGES + 2 * b + 1)
+    last = tl.load(RANGES + RANGE_WIDTH * b + 1)
     live = pid_m * BLOCK_M < (last // KEY_BLOCK + 1) * KEY_BLOCK
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -282,8 +292,8 @@ def _near_band_kernel(
     blk = _near_first(i0, SAT_HI, BLOCK_N) + slot
     # Tiles the attention kernel never reads: past the near blocks, or (padding) rows or keys all outside the
     # sequence's valid tokens.
-    first = tl.load(RANGES + 2 * b)
-    last = tl.load(RANGES + 2 * b + 1)
+    first = tl.load(RANGES + RANGE_WIDTH * b)
+    last = tl.load(RANGES + RANGE_WIDTH * b + 1)
     used = (i0 <= last) & (i0 + BLOCK_M > first) & (blk * BLOCK_N <= last) & ((blk + 1) * BLOCK_N > first)
     if used & (blk < _near_end(i0, SAT_LO, tl.cdiv(S, BLOCK_N), BLOCK_M, BLOCK_N)):
         i = i0 + tl.arange(0, BLOCK_M)
@@ -394,8 +404,8 @@ def _attention_kernel(
     qvalid = tl.load(MASK_B + i, mask=row_ok, other=0) != 0
 
     # Keys before the first and after the last valid one never get a weight: skip their blocks.
-    first = tl.load(RANGES + 2 * b)
-    last = tl.load(RANGES + 2 * b + 1)
+    first = tl.load(RANGES + RANGE_WIDTH * b)
+    last = tl.load(RANGES + RANGE_WIDTH * b + 1)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
     blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,

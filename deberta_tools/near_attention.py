@@ -119,8 +119,9 @@ if wb.gluon is not None:
         q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
         # The near key blocks the attention kernel visits: its own function.
-        first = gl.load(RANGES + 2 * b)
-        last = gl.load(RANGES + 2 * b + 1)
+        first = gl.load(RANGES + fa.RANGE_WIDTH * b)
+        last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
+        holes = gl.load(RANGES + fa.RANGE_WIDTH * b + 2) != 0
         qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
         _, hi_end, lo_start, _ = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last, S, SAT_HI, SAT_LO,
                                                 BLOCK, BLOCK)
@@ -182,10 +183,10 @@ if wb.gluon is not None:
         # two blocks beyond both saturation bounds), so the windows are consecutive.
         c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
-        # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's K and
-        # windows are issued as soon as this block's products have read them and land while this block's skews and
-        # softmax run; its V (into the other of V's two slots) once this block's P.V is issued, waited for only
-        # before the next P.V (the products and the softmax run while it lands).
+        # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's V
+        # (into the other of V's two slots) right after this block's first barrier, its K and windows as soon as this
+        # block's products have read them; both land while the rest of this block runs, and one wait and barrier at
+        # the top of each block covers all of them.
         if start < stop:
             _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, spread,
                        rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C,
@@ -202,11 +203,16 @@ if wb.gluon is not None:
         for blk in range(start, stop):
             j0 = blk * BLOCK
             n = blk - start
-            key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
             more = blk + 1 < stop
-            async_copy.wait_group(1)  # this block's K and windows (its V may still be on its way)
+            async_copy.wait_group(0)  # this block's K, windows and V
             fence_async_shared()
             gl.thread_barrier()
+            if more:
+                # The next block's V into the other slot, read last by the previous block's P.V (done: every warp
+                # waited for it before the barrier above). Issued here, it lands while this whole block runs, and
+                # this block's P.V needs no wait and no barrier of its own (v27).
+                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
+                async_copy.commit_group()
             # The three products issued back to back (asynchronous wgmma): C2P's half first, skewed while Q.Kᵀ and
             # P2C's product are still on the tensor cores (v25).
             if HAS_C2P:
@@ -218,7 +224,9 @@ if wb.gluon is not None:
                 p2c_t = wb._window_product(ks_s, wp_s, BLOCK, num_warps, True)
             if HAS_C2P:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True)
+                # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
+                # read of the product buffer in the block before.
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
                 c2p_half = upper
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
@@ -231,9 +239,14 @@ if wb.gluon is not None:
                            spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P,
                            HAS_P2C, False, BLOCK)
                 async_copy.commit_group()
-            if HAS_P2C:
-                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True)
-            s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
+            if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
+            if holes | (j0 < first) | (j0 + BLOCK - 1 > last):
+                # The key mask, only where a key of this block may be padded or outside the sequence: a block
+                # between the first and last token of a sequence without holes needs none (v27: its load and adds
+                # were ~15% of the loop's instructions).
+                key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
+                s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -242,18 +255,7 @@ if wb.gluon is not None:
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-            if more:  # this block's V; the next block's K and windows may stay on their way
-                async_copy.wait_group(1)
-            else:
-                async_copy.wait_group(0)
-            fence_async_shared()
-            gl.thread_barrier()
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
-            # No barrier before the next V: its slot was read by the previous block's P.V, which every warp had
-            # waited for before this block's first barrier.
-            if more:
-                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
-                async_copy.commit_group()
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))

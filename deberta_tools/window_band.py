@@ -134,7 +134,7 @@ if gluon is not None:
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                  KEY_ORDER: gl.constexpr = False):
+                  KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
         where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
         stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
@@ -143,27 +143,30 @@ if gluon is not None:
         BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
         (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. KEY_ORDER: out's
-        column c is key _key_order(c), and both reads are straight in out_l without bank conflicts."""
-        p_s = _product_buffer(dtype, BLOCK)
+        column c is key _key_order(c), and both reads are straight in out_l without bank conflicts. FREE: see
+        _product_buffer."""
+        p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.store(prod.to(dtype))
         return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER)
 
     @gluon.jit
     def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     KEY_ORDER: gl.constexpr = False):
+                     KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
         not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
-        p_s = _product_buffer(dtype, BLOCK)
+        p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.slice(0, BLOCK, dim=1).store(lo)
         p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
         return _read_skewed(p_s, dtype, False, BLOCK, out_l, KEY_ORDER)
 
     @gluon.jit
-    def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr):
+    def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr, FREE: gl.constexpr = False):
         """A [BLOCK, 2 * BLOCK] shared buffer in _spread_store_layout, once every warp is done with what the
-        compiler may give its place."""
+        compiler may give its place; FREE: the caller knows a barrier has passed since every warp's last read of
+        that place (the near kernel's loop), so none is added here."""
         st_l: gl.constexpr = _spread_store_layout(BLOCK, 2 * BLOCK)
-        gl.thread_barrier()
+        if not FREE:
+            gl.thread_barrier()
         return gl.allocate_shared_memory(dtype, [BLOCK, 2 * BLOCK], st_l)
 
     @gluon.jit
@@ -232,8 +235,8 @@ if gluon is not None:
         blk = fa._near_first(i0, SAT_HI, BLOCK) + slot
         near_end = fa._near_end(i0, SAT_LO, gl.cdiv(S, BLOCK), BLOCK, BLOCK)
         j0 = blk * BLOCK
-        first = gl.load(RANGES + 2 * b)
-        last = gl.load(RANGES + 2 * b + 1)
+        first = gl.load(RANGES + fa.RANGE_WIDTH * b)
+        last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
         used = (i0 <= last) & (i0 + BLOCK > first) & (j0 <= last) & (j0 + BLOCK > first)
         if used & (blk < near_end):
             ld: gl.constexpr = _load_layout(HEAD_DIM, num_warps)

@@ -124,6 +124,25 @@ def test_head_groups_are_balanced():
     assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 6 and 3 in sizes and 5 not in sizes
 
 
+def test_valid_ranges_mark_holes():
+    """Each sequence's first and last token, and whether a padded token lies between them (the near kernel then
+    masks keys in every block; without one only in the blocks at either end): padding at the end, at the start, on
+    both sides, a hole, a single token, none, over several scan chunks (SCAN is 64 under the interpreter)."""
+    seq = 150
+    mask = torch.zeros(7, seq, dtype=torch.int32)
+    mask[0, :] = 1
+    mask[1, :97] = 1
+    mask[2, 40:] = 1
+    mask[3, 5:140] = 1
+    mask[4, 3:149] = 1
+    mask[4, 70] = 0
+    mask[5, 77] = 1
+    got = fa.valid_ranges(mask.to(DEVICE)).cpu()
+    want = [(0, 149, 0), (0, 96, 0), (40, 149, 0), (5, 139, 0), (3, 148, 1), (77, 77, 0), (seq, -1, 0)]
+    assert got.shape == (7, fa.RANGE_WIDTH)
+    assert [tuple(r[:3]) for r in got.tolist()] == want
+
+
 def test_mostly_padded_sequences_match_float64():
     """Sequences far shorter than the batch's length: the kernels skip table rows, band tiles and key blocks past the
     last token (and one sequence with no token at all keeps Hugging Face's uniform rows)."""
