@@ -46,53 +46,6 @@ def _add_layer_norm_kernel(X, R, W, B, Y, M, N, eps, stride, ROWS: tl.constexpr,
     tl.store(Y + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _linear_add_layer_norm_kernel(X, WT, BIAS, R, G, BETA, Y, M, N, K, eps, stride_x, stride_w, stride_r, stride_y,
-                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """BLOCK_M rows of Y = LayerNorm(X . WT + BIAS + R): the product summed in float32 over K in BLOCK_K steps, bias,
-    residual and the row statistics in float32, one rounding at the store. BLOCK_N covers the whole row (N)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(X + rows[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-        w = tl.load(WT + kk[:, None] * stride_w + cols[None, :], mask=(kk < K)[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-    ok = row_ok[:, None] & col_ok[None, :]
-    acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    acc += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, 1) / N
-    xc = tl.where(ok, acc - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, 1) / N + eps)
-    g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
-    beta = tl.load(BETA + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :],
-             (xc * rstd[:, None] * g[None, :] + beta[None, :]).to(Y.dtype.element_ty), mask=ok)
-
-
-def linear_add_layer_norm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
-                          norm: nn.LayerNorm, block_m: int = 32, num_warps: int = 4, num_stages: int = 2,
-                          block_k: int = 64) -> torch.Tensor:
-    """norm(x . weight_t + bias + residual) in one kernel: a dense layer (weight_t = the nn.Linear weight transposed,
-    [in, out] contiguous) with the add + LayerNorm as its epilogue, so the product never goes through memory."""
-    k, n = weight_t.shape
-    x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
-    if not (x2.is_contiguous() and r2.is_contiguous()):
-        x2, r2 = x2.contiguous(), r2.contiguous()
-    y = torch.empty_like(r2)
-    if fa.INTERPRET:
-        block_m, block_k, num_warps, num_stages = 16, 16, 1, 1
-    _linear_add_layer_norm_kernel[(triton.cdiv(x2.shape[0], block_m),)](
-        x2, weight_t, bias, r2, norm.weight, norm.bias, y, x2.shape[0], n, k, norm.eps,
-        x2.stride(0), weight_t.stride(0), r2.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=triton.next_power_of_2(n), BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=num_stages)
-    return y.view(residual.shape)
-
-
 # From this many rows on, the add + LayerNorm kernel takes 4 rows per program (4 warps), else one (1 warp per 256
 # columns). On an H100 (hidden 384): 16384 rows 13.5 -> 12.0 us a call, 32 x 512 tokens 8,025 -> 8,125 sequences/s;
 # at 512 rows one row per program is faster, 2.4 against 2.7 us (results/fused-attention-h100/NOTES.md, v21).
