@@ -136,13 +136,13 @@ class Positions:
     p2c_term: int | None
 
 
-# valid_ranges' row: first, last, holes and a pad to 16 bytes
-RANGE_WIDTH: tl.constexpr = tl.constexpr(4)
+# valid_ranges' row: first, last, holes
+RANGE_WIDTH: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
 def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr):
-    """RANGES[b] = (first, last, holes, 0): the first and last valid token of sequence b's mask (S and -1 when it has
+    """RANGES[b] = (first, last, holes): the first and last valid token of sequence b's mask (S and -1 when it has
     none) and whether a padded token lies between them (1) or not (0)."""
     b = tl.program_id(0)
     first = S + 0
@@ -157,7 +157,6 @@ def _valid_ranges_kernel(MASK, stride_mask_b, RANGES, S, SCAN: tl.constexpr):
     tl.store(RANGES + RANGE_WIDTH * b, first)
     tl.store(RANGES + RANGE_WIDTH * b + 1, last)
     tl.store(RANGES + RANGE_WIDTH * b + 2, (count > 0) & (count != last - first + 1))
-    tl.store(RANGES + RANGE_WIDTH * b + 3, 0)
 
 
 def valid_ranges(mask: torch.Tensor) -> torch.Tensor:
