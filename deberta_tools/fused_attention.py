@@ -19,14 +19,16 @@ is computed per group of heads in two steps and never materialises an S x S tens
    position_buckets is off, written as a Triton function (`_relative_index`) and evaluated once per distance
    between the saturation bounds (`index_table`, ~1000 entries for v3).
    With `near_attention.near_state` (no band) the attention kernel starts from its softmax state (NEAR_STATE).
-   Either way the band comes with `edges`: the terms at the two saturated indices as contiguous vectors (C2P per
-   query, P2C per key), what far tiles read.
+   Either way the band comes with `edges`: C2P at the two saturated indices as contiguous vectors per query, what
+   far tiles read.
 2. `attention`: tiles of Q.Kᵀ with an online softmax (FlashAttention-2 style, scale folded into the exponent).
    Near tiles add one aligned band tile (as the accumulator of Q.Kᵀ); log buckets saturate, and once every i-j of
-   a tile is beyond the saturation distance every element reads the same C2P column per row and the same P2C
-   column per key, so those tiles add a row vector and a per-key vector instead. Gathering inside the softmax
-   loop made near tiles 4.5-5x the cost of plain flash tiles on an H100; distance-expanded tables (aligned vector
-   reads) cost as much to write as they saved (results/fused-attention-h100/NOTES.md).
+   a tile is beyond the saturation distance every element reads the same C2P column t per row and the same P2C
+   column t per key: Q_i.K_j + C2P[i, t] + K_j.Qr[t] = (Q_i + Qr[t]).K_j + C2P[i, t], so a run of such tiles
+   takes Qr[t] into its queries once and C2P[i, t] as an offset of each row's exponent, and each tile is a plain
+   flash tile (the key mask only in blocks that can hold a padded key, `valid_ranges`). Gathering inside the
+   softmax loop made near tiles 4.5-5x the cost of plain flash tiles on an H100; distance-expanded tables (aligned
+   vector reads) cost as much to write as they saved (results/fused-attention-h100/NOTES.md).
 
 Masking follows Hugging Face: a 2-D padding mask m gives key j to query i when m[i] and m[j]; a padded query row
 (all keys masked to the dtype's minimum) becomes a uniform average over all S keys, as in the original (the kernel
@@ -182,9 +184,9 @@ def _position_tables_kernel(
 ):
     """Term t (0 or 1) of heads H0 .. H0+G-1 for one block of rows: TAB[t, b, g, r, p] = X_t[b, r, h] . POS[t, h, p]
     (X_t read at column COL_t of QKV: Q for C2P, K for P2C). The P2C term adds 0 for valid and -inf for padded keys
-    and rows past S, so the attention kernel needs no key mask. Each term also writes its columns TOP and 0 as
-    contiguous float32 rows, what saturated tiles read: EDGES[b, g, 0 / 1, r] for P2C (per key), EDGES[b, g, 2 / 3,
-    r] for C2P (per query). Rows past the last block of KEY_BLOCK keys (at least the
+    and rows past S, so the attention kernel needs no key mask in near tiles. The C2P term also writes its columns TOP
+    and 0 as contiguous float32 rows, what saturated tiles read: EDGES[b, g, 0 / 1, r] (per query; saturated tiles
+    take P2C from the projections themselves). Rows past the last block of KEY_BLOCK keys (at least the
     attention kernel's key block) holding a valid token are never read: skipped."""
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -222,13 +224,13 @@ def _position_tables_kernel(
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty))
         else:
             tl.store(row_base[:, None] + pp[None, :], acc.to(TAB.dtype.element_ty), mask=pp[None, :] < P)
-    if live:
+    if live & (not is_p2c):
         xf = x.to(tl.float32)
         top = tl.load(pos_base + TOP * stride_pos_p + dd, mask=d_ok, other=0.0).to(tl.float32)
         zero = tl.load(pos_base + dd, mask=d_ok, other=0.0).to(tl.float32)
-        edge = EDGES + b * stride_edge_b + g * stride_edge_h + tl.where(is_p2c, 0, 2 * ROWS) + rows
-        tl.store(edge, tl.sum(xf * top[None, :], 1) + bias)
-        tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1) + bias)
+        edge = EDGES + b * stride_edge_b + g * stride_edge_h + rows
+        tl.store(edge, tl.sum(xf * top[None, :], 1))
+        tl.store(edge + ROWS, tl.sum(xf * zero[None, :], 1))
 
 
 @triton.jit
@@ -316,15 +318,16 @@ def _near_band_kernel(
 
 @triton.jit
 def _attend_block(
-    acc, m_i, l_i, q, j0, row_vec, EDGE, BAND_ROW,
+    acc, m_i, l_i, q, j0, row_vec, BAND_ROW,
     QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-    NEAR: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+    NEAR: tl.constexpr, MASKED: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key block of the online softmax. Saturated (not NEAR): every pair reads the same table column, so add the
-    row vector row_vec and the per-key vector EDGE[j]. NEAR: add the tile of the near band whose rows start at
-    BAND_ROW."""
+    """One key block of the online softmax. NEAR: the tile of the near band whose rows start at BAND_ROW goes in as
+    the accumulator of Q.Kᵀ (row_vec unused). Saturated (not NEAR): q carries the run's P2C row (see `_attend_run`)
+    and row_vec, the run's C2P column times qk_scale, is a per-row offset of the exponent. MASKED adds the key mask
+    (and keeps keys past S out); a block without it must lie inside the sequence's valid tokens."""
     j = j0 + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = j < S
@@ -333,7 +336,10 @@ def _attend_block(
         kv_mask = col_ok[:, None]
     else:
         kv_mask = col_ok[:, None] & (dd[None, :] < HEAD_DIM)
-    k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
+    if MASKED or NEAR or HEAD_DIM != BLOCK_D:
+        k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :], mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(QKV_B + j[:, None] * stride_qkv_s + K_COL + dd[None, :])
     if NEAR:
         # The band tile goes in as the accumulator of Q.Kᵀ: added after it, Triton's layout pass ran the softmax
         # twice, once in the load layout and once in the MMA layout (seen in the TTGIR).
@@ -341,28 +347,78 @@ def _attend_block(
         s = tl.dot(q, tl.trans(k), bias, input_precision=DOT_PRECISION)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HAS_C2P:
-            s += row_vec[:, None]
-        if HAS_P2C:  # the P2C edges carry the key mask
-            s += tl.load(EDGE + j)[None, :]
-        else:
+        if MASKED:
             s += tl.where(tl.load(MASK_B + j, mask=col_ok, other=0) != 0, 0.0, float("-inf"))[None, :]
-    # Online softmax in base 2 with the scale folded into the exponent's FMA (FlashAttention-2).
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    # Online softmax in base 2 with the scale folded into the exponent's FMA (FlashAttention-2); a saturated run's
+    # row vector goes in with the running maximum, not into every score.
+    if NEAR:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_vec)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - (m_safe - row_vec)[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(QKV_B + j[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=kv_mask, other=0.0)
+    if MASKED or NEAR or HEAD_DIM != BLOCK_D:
+        v = tl.load(QKV_B + j[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(QKV_B + j[:, None] * stride_qkv_s + V_COL + dd[None, :])
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
+def _attend_run(
+    acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, start, end, full_first, full_end, row_vec, P2C_ROW, d_ok,
+    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+    HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Saturated key blocks [start, end), all at one relative index t: every score of the run is
+    Q_i.K_j + C2P[i, t] + P2C[j, t] = (Q_i + Qr[t]).K_j + C2P[i, t], so the query takes Qr[t] (P2C_ROW) once here and
+    C2P[i, t] (row_vec) is a per-row offset: a plain flash tile. Only blocks outside [full_first, full_end) apply the
+    key mask: those holding the first or last valid token, and all of them where a padded token lies between (then
+    the run is as slow as before: one loop, not pipelined). Each kind has a loop of its own (a branch per block
+    stopped Triton from pipelining the loads, v7)."""
+    if start < end:  # an empty run must not pay for the query's round trip
+        q = tl.load(Q_PTRS, mask=io_mask, other=0.0)
+        if HAS_P2C:
+            q = (q.to(tl.float32) + tl.load(P2C_ROW, mask=d_ok, other=0.0).to(tl.float32)[None, :]).to(q.dtype)
+            # Through memory (the program's own output rows, written at the end): Triton keeps a dot operand computed
+            # in registers as a register operand (+36 registers a thread compiled for sm_90); loaded, it is a
+            # shared-memory operand as before.
+            tl.debug_barrier()  # every thread is done with the previous run's query
+            tl.store(SCRATCH, q, mask=io_mask)
+            tl.debug_barrier()
+            q = tl.load(SCRATCH, mask=io_mask, other=0.0)
+        row_vec = row_vec * qk_scale
+        a = tl.minimum(tl.maximum(full_first, start), end)
+        e = tl.minimum(tl.maximum(full_end, a), end)
+        # The masked loops unpipelined: pipelined, they took the kernel to 189 registers a thread compiled for
+        # sm_90, 2 programs a multiprocessor instead of 3 (a first version at 204 took 2.50 ms a forward at 4096
+        # tokens on an H100, against 2.32 before, NOTES.md v28); unpipelined 148.
+        for blk in tl.range(start, a, num_stages=1):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
+                qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        for blk in range(a, e):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
+                qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        for blk in tl.range(e, end, num_stages=1):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
+                qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
-    EDGES, stride_edge_b, stride_edge_h, ROWS,
+    EDGES, stride_edge_b, stride_edge_h, ROWS, P2C_POS, stride_pos_h, stride_pos_p, TOP,
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
@@ -371,9 +427,10 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Out rows of one query block: the saturated key blocks here, the near ones from BAND's tiles, or (NEAR_STATE)
-    starting from the softmax states over the near blocks in ACC / ML, SPLITS of them (`near_attention`). Grid
-    (query blocks, B * G), with NEAR_STATE (B * G, query blocks)."""
+    """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
+    `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
+    blocks in ACC / ML, SPLITS of them (`near_attention`). Grid (query blocks, B * G), with NEAR_STATE (B * G, query
+    blocks)."""
     if NEAR_STATE:
         # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
         # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
@@ -396,7 +453,11 @@ def _attention_kernel(
         io_mask = row_ok[:, None]
     else:
         io_mask = row_ok[:, None] & (dd[None, :] < HEAD_DIM)
-    q = tl.load(QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :], mask=io_mask, other=0.0)
+    Q_PTRS = QKV_B + i[:, None] * stride_qkv_s + h * HEAD_DIM + dd[None, :]
+    if NEAR_STATE:  # no near block here; the saturated runs load their own queries
+        q = tl.zeros([BLOCK_M, BLOCK_D], QKV.dtype.element_ty)
+    else:  # first thing: loaded after the saturated runs, 512 tokens (window band) took ~8 us longer a forward
+        q = tl.load(Q_PTRS, mask=io_mask, other=0.0)
     K_COL = H * HEAD_DIM + h * HEAD_DIM
     V_COL = 2 * H * HEAD_DIM + h * HEAD_DIM
     MASK_B = MASK + b * stride_mask_b
@@ -405,6 +466,10 @@ def _attention_kernel(
     # Keys before the first and after the last valid one never get a weight: skip their blocks.
     first = tl.load(RANGES + RANGE_WIDTH * b)
     last = tl.load(RANGES + RANGE_WIDTH * b + 1)
+    holes = tl.load(RANGES + RANGE_WIDTH * b + 2) != 0
+    # Key blocks that need no key mask: [full_first, full_end), all keys valid (none where padding lies between)
+    full_first = tl.where(holes, 1 << 30, (first + BLOCK_N - 1) // BLOCK_N)
+    full_end = (last + 1) // BLOCK_N
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
     blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
@@ -413,13 +478,13 @@ def _attention_kernel(
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
-    # P2C at the top index and at index 0 (per key), then C2P at both (per query)
+    # C2P at the top index and at index 0 (per query)
     EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h
     c2p_top = tl.zeros([BLOCK_M], tl.float32)
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
     if HAS_C2P:
-        c2p_top = tl.load(EDGE_B + 2 * ROWS + i)
-        c2p_zero = tl.load(EDGE_B + 3 * ROWS + i)
+        c2p_top = tl.load(EDGE_B + i)
+        c2p_zero = tl.load(EDGE_B + ROWS + i)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -435,26 +500,26 @@ def _attention_kernel(
             l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
             acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
             m_i = m_new
-    # Saturated tiles in two plain loops: one loop over both ends with a select per block stopped Triton from
-    # pipelining the loads (far tiles 1.5-2.5x slower at 8192 tokens on an H100).
-    for blk in range(blk_first, hi_end):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    for blk in range(lo_start, blk_end):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_zero, EDGE_B + ROWS, BAND_ROW,
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            False, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    # The saturated runs, at the top index and at index 0
+    P2C_H = P2C_POS + h * stride_pos_h + dd
+    d_ok = dd < HEAD_DIM
+    OUT_PTRS = OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :]
+    acc, m_i, l_i = _attend_run(
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
+        P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_run(
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
+        P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     near_stop = lo_start
     if NEAR_STATE:
         near_stop = hi_end
     for blk in range(hi_end, near_stop):
         acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, c2p_top, EDGE_B, BAND_ROW + blk * BLOCK_N,
+            acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
             QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            True, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+            True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
@@ -572,14 +637,14 @@ def position_tables(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
                     positions: Positions, h0: int = 0, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(tables, edges) of heads h0 .. h0+group-1: tables [terms, B, group, rows, 2*span] (C2P = Q.Krᵀ,
     P2C = K.Qrᵀ + key mask, in the order of positions.pos; rows = S rounded up to whole tiles), edges
-    [B, group, 4, rows] float32 (P2C at the top index and at index 0, then C2P at both); ranges from
+    [B, group, 2, rows] float32 (C2P at the top index and at index 0; not written without a C2P term); ranges from
     `valid_ranges(mask)`."""
     batch, seq, _ = qkv.shape
     group = group or heads
     pos = positions.pos
     terms, _, width, _ = pos.shape
     rows = _table_rows(seq)
-    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
     tab = torch.empty((terms, batch, group, rows, width), device=qkv.device, dtype=qkv.dtype)
     columns = [0] * terms
     if positions.p2c_term is not None:
@@ -675,7 +740,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
-            edges = torch.empty((1, 1, 4, 1), device=qkv.device, dtype=torch.float32)
+            edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             rows = _table_rows(seq)
@@ -694,10 +759,13 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
         near_state = positions is not None and kind == "near"
+        # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
+        p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
+            p2c_pos, p2c_pos.stride(0), p2c_pos.stride(1), p2c_pos.shape[1] - 1,
             band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),

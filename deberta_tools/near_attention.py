@@ -21,7 +21,7 @@ max, running sum): the Triton attention kernel starts from that state and adds t
 (`fused_attention._attention_kernel`, NEAR_STATE); when query blocks are too few to fill the GPU, several programs
 share one query block's near blocks (`splits_for`) and the Triton kernel merges their states. The state is [rows, D]
 float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the window band's band was 107 MiB.
-The first program of each query block also writes the saturated tiles' vectors of its rows and keys, as window_band
+The first program of each query block also writes the saturated tiles' C2P vectors of its rows, as window_band
 does. The default on Hopper (`fused_attention.band_kernel_for`) except where every tile is near and query blocks
 are few (batch 1 x 512 tokens for the demo config), where the window band is 3% faster; at 32 x 512 tokens a forward
 of the demo config takes 4.38 ms against 4.84 with the window band on an H100 (results/fused-attention-h100/NOTES.md,
@@ -131,19 +131,13 @@ if wb.gluon is not None:
         start = gl.minimum(hi_end + part * per, lo_start)
         stop = gl.minimum(start + per, lo_start)
 
-        # The saturated tiles' vectors of this block's queries (C2P) and keys (P2C): whenever the diagonal tile holds
-        # a token between the first and last valid ones, so every key block another program reads is covered.
-        # FINAL: there are no saturated tiles.
-        if not FINAL:
+        # The saturated tiles' C2P vectors of this block's queries, whenever the block holds a token between the
+        # first and last valid ones (the Triton kernel reads them for every query block with a valid query; its
+        # P2C comes from the projections themselves). FINAL: there are no saturated tiles.
+        if (not FINAL) and HAS_C2P:
             if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
                 edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
-                if HAS_C2P:
-                    wb._edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd,
-                              0.0)
-                if HAS_P2C:
-                    k_d = wb._load_tile(qkv_b, i, stride_qkv_s, (H + h) * HEAD_DIM, dd, S)
-                    wb._edges(edge + i, ROWS, k_d, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
-                              gl.where(qvalid, 0.0, float("-inf")))  # the key mask: these keys are this block's rows
+                wb._edges(edge + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd)
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
@@ -302,15 +296,15 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
                splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
     (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
-    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' vectors [B, group, 4, rows]
-    as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
+    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
                             fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
-    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
             acc, ml, edges, None)
     return acc, ml, edges

@@ -191,11 +191,11 @@ if gluon is not None:
         return gl.load(base + r[:, None] * stride_r + col + dd[None, :], mask=(r < S)[:, None], other=0.0)
 
     @gluon.jit
-    def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd, bias):
-        """OUT[r] = x[r] . TOP_ROW + bias and OUT[OFFSET + r] = x[r] . ZERO_ROW + bias, in float32."""
+    def _edges(OUT, OFFSET, x, TOP_ROW, ZERO_ROW, dd):
+        """OUT[r] = x[r] . TOP_ROW and OUT[OFFSET + r] = x[r] . ZERO_ROW, in float32."""
         xf = x.to(gl.float32)
-        gl.store(OUT, gl.sum(xf * gl.load(TOP_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
-        gl.store(OUT + OFFSET, gl.sum(xf * gl.load(ZERO_ROW + dd).to(gl.float32)[None, :], axis=1) + bias)
+        gl.store(OUT, gl.sum(xf * gl.load(TOP_ROW + dd).to(gl.float32)[None, :], axis=1))
+        gl.store(OUT + OFFSET, gl.sum(xf * gl.load(ZERO_ROW + dd).to(gl.float32)[None, :], axis=1))
 
     @gluon.jit
     def _c2p_window(d0, DIST_LO, DIST_N, BLOCK: gl.constexpr):
@@ -221,8 +221,8 @@ if gluon is not None:
     ):
         """BAND[b, g, i, slot * BLOCK + c] = c2p + p2c (+ -inf for padded keys) of near tile (row block, slot), as
         `fused_attention._near_band_kernel` writes it. POS holds the projections by distance (`by_distance`). The
-        diagonal tile's program also writes the saturated tiles' vectors of its rows and keys, as
-        `fused_attention.position_tables` writes EDGES: P2C at the top index and at 0 (+ key mask), C2P at both."""
+        diagonal tile's program also writes the saturated tiles' C2P vectors of its rows (C2P at the top index and at
+        0), as `fused_attention.position_tables` writes EDGES."""
         WIN: gl.constexpr = 2 * BLOCK
         pid = gl.program_id(0)
         pid_bg = gl.program_id(1)
@@ -261,7 +261,7 @@ if gluon is not None:
                 idx = _c2p_window(d0, DIST_LO, DIST_N, BLOCK) + wins
                 w = gl.load(c2p_rows + idx[:, None] * stride_pos_p + dd[None, :])
                 if blk == m:  # C2P at the top index and at index 0, per query
-                    _edges(edge + 2 * ROWS + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd, 0.0)
+                    _edges(edge + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd)
                 val += _skewed_product(q, w, False, BLOCK, num_warps)
             if HAS_P2C:
                 j = j0 + spread
@@ -269,10 +269,6 @@ if gluon is not None:
                 p2c_rows = pos_h + P2C_TERM * stride_pos_t  # index 0 first
                 idx = _p2c_window(d0, DIST_LO, DIST_N, BLOCK) + wins
                 w = gl.load(p2c_rows + idx[:, None] * stride_pos_p + dd[None, :])
-                if blk == m:  # P2C at the top index and at index 0, per key, with the key mask
-                    padded = gl.load(MASK + b * stride_mask_b + j, mask=j < S, other=0) == 0
-                    _edges(edge + j, ROWS, k, p2c_rows + (DIST_N - 1) * stride_pos_p, p2c_rows, dd,
-                           gl.where(padded, float("-inf"), 0.0))
                 val += _skewed_product(k, w, True, BLOCK, num_warps)
             out = BAND + pid_bg.to(gl.int64) * stride_band_bg + (i0 + r)[:, None] * (NB * BLOCK) + slot * BLOCK
             gl.store(out + c[None, :], val.to(BAND.dtype.element_ty))
@@ -298,11 +294,11 @@ def near_band(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posit
               h0: int, group: int, rows: int, slots: int,
               saturation: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(band, edges) of heads h0 .. h0+group-1 without position tables: the near band [B * group, rows, slots * 64]
-    as `fused_attention.near_band` returns it, and the saturated tiles' vectors [B, group, 4, rows] float32 as
+    as `fused_attention.near_band` returns it, and the saturated tiles' C2P vectors [B, group, 2, rows] float32 as
     `fused_attention.position_tables` returns them. `supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     band = torch.empty((batch * group, rows, slots * BLOCK), device=qkv.device, dtype=qkv.dtype)
-    edges = torch.empty((batch, group, 4, rows), device=qkv.device, dtype=torch.float32)
+    edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
     pos, dist_lo = by_distance(positions, qkv.device)
     grid = (triton.cdiv(seq, BLOCK) * slots, batch * group)
     _window_band_kernel[grid](

@@ -52,7 +52,7 @@ def test_saturation_bounds_match_the_rule():
 
 
 def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, dtype=torch.float32, band_kernel=None,
-                    hole=None, **extra):
+                    hole=None, spans=None, **extra):
     """float64 Hugging Face attention of layer 0 vs the fused kernels on fp32 (or `dtype`) inputs of the same
     layer."""
     torch.manual_seed(seed)
@@ -62,6 +62,8 @@ def _attention_case(name, batch, seq, seed=0, table_budget=None, lengths=None, d
     mask = _mask(batch, seq, seed)
     for b, length in enumerate(lengths or []):
         mask[b] = torch.arange(seq) < length
+    for b, (start, stop) in enumerate(spans or []):  # tokens start .. stop - 1, padding on both sides
+        mask[b] = (torch.arange(seq) >= start) & (torch.arange(seq) < stop)
     if hole is not None:  # (row, start, stop): masked tokens in the middle of a sequence
         mask[hole[0], hole[1]:hole[2]] = 0
     with torch.no_grad():
@@ -147,6 +149,15 @@ def test_mostly_padded_sequences_match_float64():
     """Sequences far shorter than the batch's length: the kernels skip table rows, band tiles and key blocks past the
     last token (and one sequence with no token at all keeps Hugging Face's uniform rows)."""
     err, _ = _attention_case("v3", batch=4, seq=150, lengths=[150, 20, 131, 0], **SMALL_SPAN)
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("name", ["v3", "p2c_only", "no_relative"])
+def test_padding_on_both_sides_and_holes_match_float64(name):
+    """Saturated key blocks need the key mask only where a block holds the first or last token, or anywhere when a
+    padded token lies between them: tokens starting and ending inside a block, a hole in the middle, a full row."""
+    err, _ = _attention_case(name, batch=4, seq=75, spans=[(21, 75), (5, 67), (0, 75), (0, 75)], hole=(2, 30, 37),
+                             **({} if name == "no_relative" else SMALL_SPAN))
     assert err < 1e-5
 
 
