@@ -271,6 +271,16 @@ def _key_blocks(i0, any_query, first, last, S, SAT_HI, SAT_LO, BLOCK_M: tl.const
 
 
 @triton.jit
+def _unmasked_blocks(first, last, holes, BLOCK_N: tl.constexpr):
+    """[full_first, full_end): the key blocks that need no key mask, every key in them a valid token (none where a
+    padded token lies between the sequence's first and last valid ones). Shared with near_attention's Gluon kernel:
+    both kernels mask exactly the blocks outside this range."""
+    full_first = tl.where(holes, 1 << 30, (first + BLOCK_N - 1) // BLOCK_N)
+    full_end = (last + 1) // BLOCK_N
+    return full_first, full_end
+
+
+@triton.jit
 def _near_band_kernel(
     TAB, stride_tab_t, C2P_TERM, P2C_TERM, ROWS, P,
     LUT, LUT_LO, LUT_N,
@@ -467,9 +477,7 @@ def _attention_kernel(
     first = tl.load(RANGES + RANGE_WIDTH * b)
     last = tl.load(RANGES + RANGE_WIDTH * b + 1)
     holes = tl.load(RANGES + RANGE_WIDTH * b + 2) != 0
-    # Key blocks that need no key mask: [full_first, full_end), all keys valid (none where padding lies between)
-    full_first = tl.where(holes, 1 << 30, (first + BLOCK_N - 1) // BLOCK_N)
-    full_end = (last + 1) // BLOCK_N
+    full_first, full_end = _unmasked_blocks(first, last, holes, BLOCK_N)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
     blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,

@@ -122,6 +122,7 @@ if wb.gluon is not None:
         first = gl.load(RANGES + fa.RANGE_WIDTH * b)
         last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
         holes = gl.load(RANGES + fa.RANGE_WIDTH * b + 2) != 0
+        full_first, full_end = fa._unmasked_blocks(first, last, holes, BLOCK)
         qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
         _, hi_end, lo_start, _ = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last, S, SAT_HI, SAT_LO,
                                                 BLOCK, BLOCK)
@@ -235,10 +236,10 @@ if wb.gluon is not None:
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
                 s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
-            if holes | (j0 < first) | (j0 + BLOCK - 1 > last):
-                # The key mask, only where a key of this block may be padded or outside the sequence: a block
-                # between the first and last token of a sequence without holes needs none (v27: its load and adds
-                # were ~15% of the loop's instructions).
+            if (blk < full_first) | (blk >= full_end):
+                # The key mask, only where a key of this block may be padded or outside the sequence (the Triton
+                # kernel's rule, `fa._unmasked_blocks`): a block between the first and last token of a sequence
+                # without holes needs none (v27: its load and adds were ~15% of the loop's instructions).
                 key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
                 s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
             # Online softmax in base 2, the scale folded into the exponent (as the Triton kernel).

@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import make_model
 from deberta_tools import fused_attention as fa
@@ -126,11 +128,8 @@ def test_head_groups_are_balanced():
     assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 6 and 3 in sizes and 5 not in sizes
 
 
-def test_valid_ranges_mark_holes():
-    """Each sequence's first and last token, and whether a padded token lies between them (the near kernel then
-    masks keys in every block; without one only in the blocks at either end): padding at the end, at the start, on
-    both sides, a hole, a single token, none, over several scan chunks (SCAN is 64 under the interpreter)."""
-    seq = 150
+def _padding_kinds(seq=150):
+    """Padding at the end, at the start, on both sides, a hole, a single token, none (one row each)."""
     mask = torch.zeros(7, seq, dtype=torch.int32)
     mask[0, :] = 1
     mask[1, :97] = 1
@@ -139,10 +138,52 @@ def test_valid_ranges_mark_holes():
     mask[4, 3:149] = 1
     mask[4, 70] = 0
     mask[5, 77] = 1
+    return mask
+
+
+def test_valid_ranges_mark_holes():
+    """Each sequence's first and last token, and whether a padded token lies between them (the near kernel then
+    masks keys in every block; without one only in the blocks at either end), over several scan chunks (SCAN is 64
+    under the interpreter)."""
+    mask = _padding_kinds()
+    seq = mask.shape[1]
     got = fa.valid_ranges(mask.to(DEVICE)).cpu()
     want = [(0, 149, 0), (0, 96, 0), (40, 149, 0), (5, 139, 0), (3, 148, 1), (77, 77, 0), (seq, -1, 0)]
     assert got.shape == (7, fa.RANGE_WIDTH)
     assert [tuple(r[:3]) for r in got.tolist()] == want
+
+
+@triton.jit
+def _unmasked_blocks_kernel(RANGES, OUT, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    row = RANGES + fa.RANGE_WIDTH * b
+    full_first, full_end = fa._unmasked_blocks(tl.load(row), tl.load(row + 1), tl.load(row + 2) != 0, BLOCK_N)
+    tl.store(OUT + 2 * b, full_first)
+    tl.store(OUT + 2 * b + 1, full_end)
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_unmasked_blocks_hold_only_valid_keys(block):
+    """The rule both attention kernels use to leave the key mask out of a block (`fa._unmasked_blocks`): a block
+    without it holds valid tokens only, and where no padded token lies between the first and last valid ones every
+    block of valid tokens goes without it."""
+    mask = _padding_kinds()
+    seq = mask.shape[1]
+    ranges = fa.valid_ranges(mask.to(DEVICE))
+    out = torch.empty(mask.shape[0], 2, dtype=torch.int32, device=DEVICE)
+    _unmasked_blocks_kernel[(mask.shape[0],)](ranges, out, BLOCK_N=block)
+    holes = ranges[:, 2].cpu() != 0
+    checked = 0
+    for b, (full_first, full_end) in enumerate(out.cpu().tolist()):
+        for n in range(-(-seq // block)):
+            keys = mask[b, n * block:(n + 1) * block]
+            all_valid = (n + 1) * block <= seq and bool(keys.all())
+            unmasked = full_first <= n < full_end
+            assert all_valid or not unmasked, f"sequence {b}: block {n} holds a padded key but goes unmasked"
+            if not holes[b]:
+                assert unmasked == all_valid, f"sequence {b}: block {n} of valid keys takes the key mask"
+            checked += unmasked
+    assert checked > 0
 
 
 def test_mostly_padded_sequences_match_float64():
