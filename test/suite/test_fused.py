@@ -314,6 +314,18 @@ def test_gluon_kernels_compile_for_hopper():
             assert rows[kernel][-2].strip() == "True", f"no wgmma in {kernel}'s PTX"
 
 
+def test_gemm_check_kernels_match_float32():
+    """The Triton GEMMs (bias and GELU epilogues, pointer loads and TMA descriptors, a partial last row block) and the
+    in-place GELU that scripts/gpu_gemm_check.py times against cuBLAS give the float32 product's numbers."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_gemm_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_gemm_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check_kernels(DEVICE)  # raises SystemExit when a kernel is off
+
+
 def test_wrong_span_is_caught(monkeypatch):
     """The tolerance is tight enough that a position table one bucket off fails."""
     err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
