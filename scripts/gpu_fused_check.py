@@ -12,7 +12,7 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
-                                      [--end-to-end]
+                                      [--wide-sweep] [--end-to-end]
 """
 
 import argparse
@@ -163,6 +163,20 @@ def _tiles(t):
 
 def _model(seq_config=512):
     return export.random_model(export.seed_config(seq_config)).cuda().half()
+
+
+def attention_layers(shapes, label):
+    """One attention layer of the demo config's shape (6 heads of 64, v3 position rule, no padding) in a CUDA graph
+    of 10 calls, median, against PyTorch SDPA (flash) on the same Q/K/V."""
+    rows = []
+    for batch, seq in shapes:
+        qkv, positions, mask = _inputs(seq, batch=batch)
+        ranges = fa.valid_ranges(mask)
+        layer = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges))
+        q, k, v = qkv.view(batch, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
+        sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        rows.append([label, f"{batch} x {seq}", f"{layer:.1f}", f"{sdpa:.1f}", f"{layer / sdpa:.2f}"])
+    print(report.table(["", "batch x seq", "attention layer us", "SDPA us", "layer / SDPA"], rows))
 
 
 def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
@@ -335,6 +349,9 @@ def main():
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
+    parser.add_argument("--wide-sweep", action="store_true",
+                        help="the attention layer and end to end with wide saturated tiles (fa.WIDE_PROGRAMS_PER_SM) "
+                             "off and on at several program counts, alternating, then stop")
     parser.add_argument("--end-to-end", action="store_true",
                         help="only the whole model in a CUDA graph, batch 1 at 512 ... 8192 tokens and 32 x 512")
     parser.add_argument("--launch-gaps", action="store_true",
@@ -369,6 +386,13 @@ def main():
         near_attention.MAX_REGISTERS = 168
         end_to_end([512, 2048], [1], label="register cap 168")
         end_to_end([512], [32], label="register cap 168")
+        return
+    if args.wide_sweep:
+        for per_sm in (0, 2, 1 << 20, 1.5, 3, 0, 2):
+            fa.WIDE_PROGRAMS_PER_SM = per_sm
+            label = f"wide tiles up to {per_sm} programs per SM" if per_sm else "no wide tiles"
+            attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], label)
+            end_to_end([1024, 2048, 4096, 8192], [1], label=label)
         return
     if args.near_sweep:
         fa.BAND_KERNEL = "near"
