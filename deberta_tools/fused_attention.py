@@ -385,15 +385,14 @@ def _attend_run(
     acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, start, end, full_first, full_end, row_vec, P2C_ROW, d_ok,
     QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
     HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Saturated key blocks [start, end), all at one relative index t: every score of the run is
     Q_i.K_j + C2P[i, t] + P2C[j, t] = (Q_i + Qr[t]).K_j + C2P[i, t], so the query takes Qr[t] (P2C_ROW) once here and
     C2P[i, t] (row_vec) is a per-row offset: a plain flash tile. Only blocks outside [full_first, full_end) apply the
     key mask: those holding the first or last valid token, and all of them where a padded token lies between (then
     the run is as slow as before: one loop, not pipelined). Each kind has a loop of its own (a branch per block
-    stopped Triton from pipelining the loads, v7). WIDE: the unmasked blocks two at a time, as one tile of
-    2 * BLOCK_N keys (an odd one left over goes to the masked loop before them, where any block is right)."""
+    stopped Triton from pipelining the loads, v7)."""
     if start < end:  # an empty run must not pay for the query's round trip
         q = tl.load(Q_PTRS, mask=io_mask, other=0.0)
         if HAS_P2C:
@@ -408,8 +407,6 @@ def _attend_run(
         row_vec = row_vec * qk_scale
         a = tl.minimum(tl.maximum(full_first, start), end)
         e = tl.minimum(tl.maximum(full_end, a), end)
-        if WIDE:
-            a += (e - a) % 2
         # The masked loops unpipelined: pipelined, they took the kernel to 189 registers a thread compiled for
         # sm_90, 2 programs a multiprocessor instead of 3 (a first version at 204 took 2.50 ms a forward at 4096
         # tokens on an H100, against 2.32 before, NOTES.md v28); unpipelined 148.
@@ -417,16 +414,10 @@ def _attend_run(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
                 qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-        if WIDE:
-            for blk in range(a, e, 2):
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
-                    qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, 2 * BLOCK_N, DOT_PRECISION)
-        else:
-            for blk in range(a, e):
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
-                    qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        for blk in range(a, e):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
+                qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
         for blk in tl.range(e, end, num_stages=1):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
@@ -444,7 +435,7 @@ def _attention_kernel(
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -524,11 +515,11 @@ def _attention_kernel(
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
         P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE)
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, WIDE)
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
     near_stop = lo_start
     if NEAR_STATE:
         near_stop = hi_end
@@ -567,27 +558,6 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     if dtype == torch.float32 or head_dim > 128:
         return Tiles(32, 32, 4, 1)
     return Tiles(64, 64, 4, 3)
-
-
-# Programs a multiprocessor up to which the saturated runs take their unmasked key blocks two at a time, one tile
-# of 2 * block_n keys (`_attend_run`, WIDE). Compiled for sm_90 (64 x 64 tiles, head dimension 64) the wide loop has
-# ~250 instructions a key block against ~310 and half the iterations, but the kernel holds 236 registers a thread
-# against 148: two programs a multiprocessor instead of three, so it can only pay where a launch has few programs
-# (2048 tokens at batch 1: 192 programs for 132 multiprocessors). v20 took 128-key tiles when a saturated tile
-# still added vectors and loaded masks and won nothing at 2048 tokens; v22's plain loop ran 64 x 128 tiles in 33 us
-# against 59 for 64 x 64 there (results/fused-attention-h100/NOTES.md). 0: never. Written on 2026-12-04 without a
-# GPU: correct on the CPU (test_fused.py), not yet timed, so off.
-WIDE_PROGRAMS_PER_SM = 0
-
-
-def _wide_tiles(device: torch.device, programs: int, head_dim: int) -> bool:
-    """Whether a launch of `programs` attention programs takes wide saturated tiles (WIDE_PROGRAMS_PER_SM; head
-    dimensions up to 64: at 128 the wide loop spills, 160 bytes compiled for sm_90)."""
-    if WIDE_PROGRAMS_PER_SM <= 0 or head_dim > 64:
-        return False
-    if device.type != "cuda":  # the interpreter: no occupancy to weigh
-        return True
-    return programs <= WIDE_PROGRAMS_PER_SM * near_attention._multiprocessors(device)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -811,7 +781,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            WIDE=_wide_tiles(qkv.device, grid[0] * grid[1], head_dim),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -12,7 +12,7 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
-                                      [--wide-sweep] [--end-to-end]
+                                      [--attention-layers] [--models-only] [--end-to-end]
 """
 
 import argparse
@@ -349,9 +349,11 @@ def main():
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
-    parser.add_argument("--wide-sweep", action="store_true",
-                        help="the attention layer and end to end with wide saturated tiles (fa.WIDE_PROGRAMS_PER_SM) "
-                             "off and on at several program counts, alternating, then stop")
+    parser.add_argument("--attention-layers", action="store_true",
+                        help="only one attention layer against PyTorch SDPA at 1024 ... 8192 tokens")
+    parser.add_argument("--models-only", action="store_true",
+                        help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
+                             "tokens, batch 4, padded)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="only the whole model in a CUDA graph, batch 1 at 512 ... 8192 tokens and 32 x 512")
     parser.add_argument("--launch-gaps", action="store_true",
@@ -387,12 +389,12 @@ def main():
         end_to_end([512, 2048], [1], label="register cap 168")
         end_to_end([512], [32], label="register cap 168")
         return
-    if args.wide_sweep:
-        for per_sm in (0, 2, 1 << 20, 1.5, 3, 0, 2):
-            fa.WIDE_PROGRAMS_PER_SM = per_sm
-            label = f"wide tiles up to {per_sm} programs per SM" if per_sm else "no wide tiles"
-            attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], label)
-            end_to_end([1024, 2048, 4096, 8192], [1], label=label)
+    if args.attention_layers:
+        attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")
+        return
+    if args.models_only:
+        index_check()
+        model_check(["seed", "v3-xsmall", "v3-base", "v3-large"], [512, 777], batch=4)
         return
     if args.near_sweep:
         fa.BAND_KERNEL = "near"

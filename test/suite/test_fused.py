@@ -202,21 +202,6 @@ def test_padding_on_both_sides_and_holes_match_float64(name):
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("name,spans,hole", [
-    ("v3", [(0, 150), (0, 133), (7, 150), (0, 150)], (3, 60, 61)),  # odd and even runs, a hole: all masked there
-    ("p2c_only", [(0, 150), (19, 121), (0, 150), (0, 150)], None),
-    ("c2p_only", [(0, 150), (0, 150), (0, 150), (0, 97)], None),
-    ("no_relative", [(0, 150), (40, 150), (0, 150), (0, 150)], None),
-])
-def test_wide_saturated_tiles_match_float64(monkeypatch, name, spans, hole):
-    """The saturated runs' unmasked blocks two at a time (fa.WIDE_PROGRAMS_PER_SM): runs of odd and even length,
-    padding on either side, a hole."""
-    monkeypatch.setattr(fa, "WIDE_PROGRAMS_PER_SM", 1 << 20)
-    err, _ = _attention_case(name, batch=4, seq=150, spans=spans, hole=hole,
-                             **({} if name == "no_relative" else SMALL_SPAN))
-    assert err < 1e-5
-
-
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
