@@ -1,21 +1,22 @@
 #!/usr/bin/env python3
-"""On a CUDA GPU: the fused layer's work outside attention (four GEMMs, the GELU pass) done other ways, alone and
-end to end, in one run.
+"""On a CUDA GPU: the fused layer's work outside attention (four GEMMs, the GELU) done other ways, alone and end to
+end, in one run.
 
 At 2048 tokens of the demo config the four cuBLAS GEMMs of a layer take ~29 us and the GELU pass ~4.7
-(results/fused-attention-h100/NOTES.md): 1.2 ms a forward is missed by ~2 us in all. Per GEMM shape of the layer
-(QKV, attention output, FFN up, FFN down) and token count this times
+(results/fused-attention-h100/NOTES.md). Per GEMM shape of the layer (QKV, attention output, FFN up, FFN down) and
+token count this times
 
-    F.linear          what fused_model does: cuBLAS, weight [N, K] (transposed operand)
+    F.linear          cuBLAS, weight [N, K] (transposed operand), what fused_model does for three of the four
     addmm NN          the weight stored transposed once, [K, N] contiguous
     cublaslt ...      both, with torch.backends.cuda.preferred_blas_library("cublaslt")
-    Triton ptr / TMA  a tiled Triton GEMM with the bias in its epilogue, pointer loads or TMA descriptors, the best
-                      of a set of tiles (the winning tile is printed)
+    Triton ptr / TMA  a tiled Triton GEMM with the bias in its epilogue, pointer loads or TMA descriptors
+                      (gemm.linear), the best of a set of tiles (the winning tile is printed)
 
-then the FFN's up projection with the GELU: cuBLAS + F.gelu (now), cuBLAS + a Triton GELU in place, and a Triton
-GEMM with DebertaV2's exact (erf) GELU as its epilogue; and the whole fused model end to end (CUDA graph) with each
-alternative swapped into the layer, against the layer as it is. Every variant is checked against a float32
-product first (relative L2 < 2e-3; a variant that fails is reported, not timed).
+then the FFN's up projection with the GELU: cuBLAS + F.gelu, cuBLAS + a Triton GELU in place, and gemm.linear with
+DebertaV2's exact (erf) GELU as its epilogue (what fused_model does since v30); the up projection + GELU of the
+v3-xsmall/demo, -base and -large shapes with gemm.linear's default tile against cuBLAS + F.gelu; and the whole fused
+model end to end (CUDA graph) with each alternative swapped into the layer. Every variant is checked against a
+float32 product first (relative L2 < 2e-3; a variant that fails is reported, not timed).
 
     python scripts/gpu_gemm_check.py [--tokens 512 2048 16384] [--skip-end-to-end]
     TRITON_INTERPRET=1 python scripts/gpu_gemm_check.py --check-only     (CPU: the Triton kernels' results only)
@@ -29,37 +30,18 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import fused_attention as fa, fused_model, report  # noqa: E402
+from deberta_tools import fused_attention as fa, fused_model, gemm, report  # noqa: E402
 
 SHAPES = {"qkv": (384, 1152), "out": (384, 384), "up": (384, 1536), "down": (1536, 384)}  # (K, N), demo config
 
 
 @triton.jit
-def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
-    """(pm, pn) of this program: GROUP row blocks share their column blocks in turn (L2 reuse)."""
-    pid = tl.program_id(0)
-    per = GROUP * tl.cdiv(N, BN)
-    first = (pid // per) * GROUP
-    size = tl.minimum(tl.cdiv(M, BM) - first, GROUP)
-    return first + (pid % per) % size, (pid % per) // size
-
-
-@triton.jit
-def _epilogue(acc, BIAS, rn, GELU: tl.constexpr):
-    acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-    return acc
-
-
-@triton.jit
 def _mm_ptr(A, W, BIAS, C, M, N, K, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
             STAGES: tl.constexpr, GROUP: tl.constexpr):
-    """C = A . Wᵀ + bias (GELU), A [M, K], W [N, K] row-major; N and K multiples of BN and BK."""
-    pm, pn = _tile(M, N, BM, BN, GROUP)
+    """gemm.linear's kernel with pointer loads instead of TMA descriptors; N and K multiples of BN and BK."""
+    pm, pn = gemm._tile_of_program(M, N, BM, BN, GROUP)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -68,20 +50,10 @@ def _mm_ptr(A, W, BIAS, C, M, N, K, GELU: tl.constexpr, BM: tl.constexpr, BN: tl
         a = tl.load(A + rm[:, None] * K + (k + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
         w = tl.load(W + rn[:, None] * K + (k + rk)[None, :])
         acc = tl.dot(a, w.T, acc)
-    acc = _epilogue(acc, BIAS, rn, GELU)
+    acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     tl.store(C + rm[:, None] * N + rn[None, :], acc.to(C.dtype.element_ty), mask=(rm < M)[:, None])
-
-
-@triton.jit
-def _mm_tma(a_d, w_d, BIAS, c_d, M, N, K, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-            BK: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
-    """`_mm_ptr` through TMA descriptors (rows past M: zeros in, not stored)."""
-    pm, pn = _tile(M, N, BM, BN, GROUP)
-    acc = tl.zeros([BM, BN], tl.float32)
-    for k in tl.range(0, K, BK, num_stages=STAGES):
-        acc = tl.dot(a_d.load([pm * BM, k]), w_d.load([pn * BN, k]).T, acc)
-    acc = _epilogue(acc, BIAS, pn * BN + tl.arange(0, BN), GELU)
-    c_d.store([pm * BM, pn * BN], acc.to(c_d.dtype))
 
 
 @triton.jit
@@ -98,7 +70,10 @@ def gelu_(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tile, kind="tma", gelu=False) -> torch.Tensor:
-    """x . wᵀ + b (GELU) with the Triton GEMM; tile = (BM, BN, BK, stages, warps)."""
+    """x . wᵀ + b (GELU) with a Triton GEMM: "tma" is the model's (gemm.linear), "ptr" the pointer-load variant;
+    tile = (BM, BN, BK, stages, warps)."""
+    if kind == "tma":
+        return gemm.linear(x, w, b, gelu, tile)
     bm, bn, bk, stages, warps = tile
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
@@ -106,12 +81,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tile, kind="tma", 
     assert n % bn == 0 and k % bk == 0, (n, k, tile)
     c = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, bm) * (n // bn),)
-    if kind == "ptr":
-        _mm_ptr[grid](x2, w, b, c, m, n, k, GELU=gelu, BM=bm, BN=bn, BK=bk, STAGES=stages, GROUP=8, num_warps=warps)
-    else:
-        _mm_tma[grid](TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), b,
-                      TensorDescriptor.from_tensor(c, [bm, bn]), m, n, k, GELU=gelu, BM=bm, BN=bn, BK=bk,
-                      STAGES=stages, GROUP=8, num_warps=warps)
+    _mm_ptr[grid](x2, w, b, c, m, n, k, GELU=gelu, BM=bm, BN=bn, BK=bk, STAGES=stages, GROUP=8, num_warps=warps)
     return c.view(*x.shape[:-1], n)
 
 
@@ -198,6 +168,28 @@ def gemm_table(tokens_list):
     return best_tiles
 
 
+def ffn_table(tokens_list):
+    """The up projection + exact GELU of three model shapes: gemm.linear with its default tile against cuBLAS +
+    F.gelu (what fused_model falls back to), microseconds a call."""
+    from deberta_tools.timing import graph_us
+    rows = []
+    for (name, (k, n)), m in itertools.product(FFN_SHAPES.items(), tokens_list):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
+        b = torch.randn(n, device="cuda", dtype=torch.float16)
+        err = _rel(gemm.linear(x, w, b), torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), w.float(),
+                                                                                              b.float())))
+        ours = graph_us(lambda: gemm.linear(x, w, b))
+        cublas = graph_us(lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
+        rows.append([name, str(m), f"{k} x {n}", str(gemm.default_tile(m)), f"{cublas:.2f}", f"{ours:.2f}",
+                     f"{ours / cublas:.2f}", f"{err:.1e}"])
+    print(report.table(["shape", "tokens", "K x N", "tile", "cuBLAS + F.gelu us", "gemm.linear us", "ratio",
+                        "rel L2 vs fp32"], rows))
+
+
+FFN_SHAPES = {"demo / v3-xsmall": (384, 1536), "v3-base": (768, 3072), "v3-large": (1024, 4096)}
+
+
 def _layer_call(way, best_tiles):
     """fused_model._Layer.__call__ with the work outside attention done `way`."""
     def call(self, x, mask, ranges):
@@ -218,29 +210,30 @@ def _layer_call(way, best_tiles):
         h = fused_model.add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         if way == "Triton GELU in place":
             inter = gelu_(self.inter_dense(h))
-        elif way == "Triton GEMM + GELU epilogue":
+        else:  # the epilogue with this run's best tile
             inter = linear(h, self.inter_dense.weight, self.inter_dense.bias, best_tiles[(tokens, "up", "tma", True)],
                            "tma", True)
-        else:
-            inter = self.act(self.inter_dense(h))
         return fused_model.add_layer_norm(self.ffn_dense(inter), h, self.ffn_norm)
     return call
 
 
 def end_to_end_table(best_tiles, shapes):
     import gpu_fused_check as g
-    original = fused_model._Layer.__call__
-    ways = ["as it is", "NN", "cublaslt", "Triton GELU in place", "Triton GEMM + GELU epilogue"]
+    original, epilogue = fused_model._Layer.__call__, fused_model.GELU_EPILOGUE
+    # "as it is": gemm.linear's default tile; "GELU pass": cuBLAS then F.gelu, the layer before v30.
+    ways = ["as it is", "GELU pass", "NN", "cublaslt", "Triton GELU in place", "epilogue, best tile of this run"]
     try:
         for way in ways:
-            fused_model._Layer.__call__ = original if way in ("as it is", "cublaslt") else _layer_call(way, best_tiles)
+            patched = way not in ("as it is", "GELU pass", "cublaslt")
+            fused_model._Layer.__call__ = _layer_call(way, best_tiles) if patched else original
+            fused_model.GELU_EPILOGUE = way != "GELU pass"
             torch.backends.cuda.preferred_blas_library("cublaslt" if way == "cublaslt" else "cublas")
             for batch, seq in shapes:
-                if way == "Triton GEMM + GELU epilogue" and (batch * seq, "up", "tma", True) not in best_tiles:
+                if way.startswith("epilogue") and (batch * seq, "up", "tma", True) not in best_tiles:
                     continue
                 g.end_to_end([seq], [batch], label=way)
     finally:
-        fused_model._Layer.__call__ = original
+        fused_model._Layer.__call__, fused_model.GELU_EPILOGUE = original, epilogue
         torch.backends.cuda.preferred_blas_library("cublas")
 
 
@@ -249,6 +242,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 16384])
     parser.add_argument("--check-only", action="store_true", help="only the kernels' results (works on a CPU)")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--ffn-only", action="store_true", help="only the up projection + GELU of three model shapes")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not fa.INTERPRET else "cpu"
     if device == "cuda":
@@ -257,7 +251,11 @@ def main():
     if args.check_only or device == "cpu":
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.ffn_only:
+        ffn_table(sorted(set(args.tokens) | {777}))
+        return
     best_tiles = gemm_table(args.tokens)
+    ffn_table(sorted(set(args.tokens) | {777}))
     if not args.skip_end_to_end:
         shapes = [(1, t) if t <= 8192 else (t // 512, 512) for t in args.tokens]
         end_to_end_table(best_tiles, shapes)

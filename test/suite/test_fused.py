@@ -12,7 +12,7 @@ import triton.language as tl
 
 from conftest import make_model
 from deberta_tools import fused_attention as fa
-from deberta_tools import fused_model, near_attention
+from deberta_tools import fused_model, gemm, near_attention
 from deberta_tools.errors import UserError
 
 DEVICE = "cuda" if torch.cuda.is_available() and not fa.INTERPRET else "cpu"
@@ -286,6 +286,78 @@ def test_add_layer_norm_matches_torch(monkeypatch, many_rows):
     want = norm.double()(x.double() + residual.double())
     got = fused_model.add_layer_norm(x.to(DEVICE), residual.to(DEVICE), norm.float().to(DEVICE))
     assert _rel(got, want) < 1e-6
+
+
+GEMM_DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 128), (80, 96, 200), (200, 128, 64)])
+@pytest.mark.parametrize("gelu", [True, False])
+def test_gemm_linear_matches_float64(dtype, m, k, n, gelu):
+    """gemm.linear (TMA descriptors; the FFN's up projection with the exact GELU as its epilogue) against float64:
+    a partial last row block, K and N that are not multiples of the 64-wide tile (read as zeros, not stored)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+    want = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    want = torch.nn.functional.gelu(want) if gelu else want
+    x, w, b = (t.to(DEVICE, dtype) for t in (x, w, b))
+    tma = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert gemm.usable(x, w) == (fa.INTERPRET or (tma and dtype != torch.float32))
+    if tma and dtype != torch.float32:  # wider inputs stay on cuBLAS, where it measured faster (gemm.MAX_K)
+        wide = gemm.MAX_K + 64
+        assert not gemm.usable(torch.empty(8, wide, device=DEVICE, dtype=dtype), torch.empty(64, wide, device=DEVICE,
+                                                                                              dtype=dtype))
+    got = gemm.linear(x, w, b, gelu=gelu)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # fp32: IEEE products; fp16 / bf16: one rounding of the float32 result (2^-11, 2^-8).
+    limit = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[dtype]
+    assert _rel(got, want) < limit
+
+
+@pytest.mark.parametrize("act,fused", [("gelu", True), ("gelu_python", True), ("gelu_new", False), ("relu", False)])
+def test_gelu_epilogue_only_for_the_exact_gelu(monkeypatch, act, fused):
+    """The fused layer takes gemm.linear's GELU epilogue for the exact (erf) GELU only, once per layer, and the whole
+    model matches Hugging Face in float64 either way (gelu_new is the tanh form: the epilogue would be off)."""
+    calls = []
+    linear = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    torch.manual_seed(2)
+    ref_model = make_model("v3", hidden_act=act, **SMALL_SPAN).double()
+    model = fused_model.fuse(copy.deepcopy(ref_model).to(DEVICE, torch.float32))
+    ids = torch.randint(1, ref_model.config.vocab_size, (2, 50))
+    mask = _mask(2, 50, seed=4)
+    with torch.no_grad():
+        want = fused_model.first_output(ref_model(input_ids=ids, attention_mask=mask))
+        got = fused_model.first_output(model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)))
+    assert _rel(got, want) < 1e-5
+    # fp32 takes the epilogue under the interpreter only (on a GPU it stays on cuBLAS, see gemm.usable).
+    assert len(calls) == (ref_model.config.num_hidden_layers if fused and fa.INTERPRET else 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the GELU epilogue runs in fp16 / bf16 on compute capability 9.x GPUs")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_model_with_gelu_epilogue_matches_float32(monkeypatch, dtype):
+    """fp16 / bf16 whole model (GELU epilogue on, and off for the comparison) against Hugging Face in float32, padded
+    batch: within 1e-2 in fp16, and in either dtype no further off than Hugging Face's own model in that dtype."""
+    torch.manual_seed(3)
+    ref = make_model("v3", "DebertaV2ForSequenceClassification", **SMALL_SPAN).to(DEVICE)
+    ids = torch.randint(1, ref.config.vocab_size, (4, 96), device=DEVICE)
+    mask = _mask(4, 96, seed=5).to(DEVICE)
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        hf_half = copy.deepcopy(ref).to(dtype)(input_ids=ids, attention_mask=mask).logits
+        errs = {}
+        for on in (True, False):
+            monkeypatch.setattr(fused_model, "GELU_EPILOGUE", on)
+            fused = fused_model.fuse(copy.deepcopy(ref).to(dtype))
+            got = fused(input_ids=ids, attention_mask=mask).logits
+            assert not got.isnan().any()
+            errs[on] = _rel(got, want)
+    hf_err = _rel(hf_half, want)
+    assert errs[True] < max(1.5 * hf_err, 2e-3), (errs, hf_err)
+    assert dtype != torch.float16 or errs[True] < 1e-2
 
 
 def test_gluon_kernels_compile_for_hopper():
