@@ -10,9 +10,9 @@ convolution layer stay Hugging Face's own modules. Per layer the encoder runs:
                                           per model; never an S x S tensor
     h     = LayerNorm(ctx . Woᵀ + bo + x) GEMM, then one fused add + LayerNorm kernel
     x'    = LayerNorm(act(h . W1ᵀ + b1) . W2ᵀ + b2 + h)
-                                          with the exact GELU (DebertaV2's "gelu") on Hopper in fp16 / bf16,
-                                          act(h . W1ᵀ + b1) is one Triton GEMM with the GELU in its epilogue
-                                          (gemm.linear); else cuBLAS, then the activation
+                                          with the exact GELU (DebertaV2's "gelu") on Hopper in fp16 / bf16
+                                          and hidden <= 512, act(h . W1ᵀ + b1) is one Triton GEMM with the
+                                          GELU in its epilogue (gemm.linear); else cuBLAS, then the activation
 
 `GraphRunner` captures the whole model call in a CUDA graph per input shape, for batch-1 latency. Hidden states of
 every layer come back only when `config.output_hidden_states` is set (passing output_hidden_states=True to a call
@@ -119,7 +119,7 @@ class _Layer:
         ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         up = self.inter_dense
-        if GELU_EPILOGUE and self.gelu_epilogue and gemm.usable(h, up.weight):
+        if GELU_EPILOGUE and self.gelu_epilogue and up.bias is not None and gemm.usable(h, up.weight):
             inter = gemm.linear(h, up.weight, up.bias, gelu=True)
         else:
             inter = self.act(up(h))
