@@ -91,8 +91,8 @@ class _Layer:
         self.out_dense, self.out_norm = layer.attention.output.dense, layer.attention.output.LayerNorm
         self.inter_dense, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
         # "gelu" and "gelu_python" are the exact (erf) GELU that gemm.linear's epilogue computes; other activations
-        # (gelu_new's tanh form, relu, ...) stay after a cuBLAS GEMM.
-        self.gelu_epilogue = isinstance(self.act, GELUActivation)
+        # (gelu_new's tanh form, relu, ...) stay after a cuBLAS GEMM, as does an up projection without a bias.
+        self.gelu_epilogue = isinstance(self.act, GELUActivation) and self.inter_dense.bias is not None
         self.ffn_dense, self.ffn_norm = layer.output.dense, layer.output.LayerNorm
         self.positions: fa.Positions | None = None
         if rule is None or not terms:
@@ -119,7 +119,7 @@ class _Layer:
         ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         up = self.inter_dense
-        if GELU_EPILOGUE and self.gelu_epilogue and up.bias is not None and gemm.usable(h, up.weight):
+        if GELU_EPILOGUE and self.gelu_epilogue and gemm.usable(h, up.weight):
             inter = gemm.linear(h, up.weight, up.bias, gelu=True)
         else:
             inter = self.act(up(h))

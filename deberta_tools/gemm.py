@@ -32,16 +32,28 @@ def _tile_of_program(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constex
 
 
 @triton.jit
+def gelu(x):
+    """DebertaV2's exact GELU, x * Φ(x), in x's (float32) arithmetic."""
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def bias_gelu(acc, BIAS, cols, N, GELU: tl.constexpr):
+    """The epilogue: acc + bias[cols] (columns past N add zero), then the exact GELU when GELU."""
+    acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = gelu(acc)
+    return acc
+
+
+@triton.jit
 def _linear_kernel(x_d, w_d, BIAS, y_d, M, N, K, GELU: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
     pm, pn = _tile_of_program(M, N, BM, BN, GROUP)
     acc = tl.zeros([BM, BN], tl.float32)
     for k in tl.range(0, K, BK, num_stages=STAGES):
         acc = tl.dot(x_d.load([pm * BM, k]), w_d.load([pn * BN, k]).T, acc, input_precision=PRECISION)
-    cols = pn * BN + tl.arange(0, BN)
-    acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    acc = bias_gelu(acc, BIAS, pn * BN + tl.arange(0, BN), N, GELU)
     y_d.store([pm * BM, pn * BN], acc.to(y_d.dtype))
 
 
