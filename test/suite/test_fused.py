@@ -399,6 +399,18 @@ def test_gemm_check_kernels_match_float32():
     module.check_kernels(DEVICE)  # raises SystemExit when a kernel is off
 
 
+def test_flash_ceiling_kernels_match_float64():
+    """The bare flash-attention loops scripts/gpu_flash_ceiling.py times against SDPA (TMA descriptors and pointer
+    loads, one and several key blocks a query block) compute attention."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_flash_ceiling.py"
+    spec = importlib.util.spec_from_file_location("gpu_flash_ceiling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check_kernels(DEVICE)  # raises SystemExit when a kernel is off
+
+
 def test_wrong_span_is_caught(monkeypatch):
     """The tolerance is tight enough that a position table one bucket off fails."""
     err, _ = _attention_case("v3", batch=2, seq=40, **SMALL_SPAN)
