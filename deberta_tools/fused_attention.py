@@ -385,7 +385,7 @@ def _attend_run(
     acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, start, end, full_first, full_end, row_vec, P2C_ROW, d_ok,
     QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
     HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     """Saturated key blocks [start, end), all at one relative index t: every score of the run is
     Q_i.K_j + C2P[i, t] + P2C[j, t] = (Q_i + Qr[t]).K_j + C2P[i, t], so the query takes Qr[t] (P2C_ROW) once here and
@@ -407,10 +407,11 @@ def _attend_run(
         row_vec = row_vec * qk_scale
         a = tl.minimum(tl.maximum(full_first, start), end)
         e = tl.minimum(tl.maximum(full_end, a), end)
-        # The masked loops unpipelined: pipelined, they took the kernel to 189 registers a thread compiled for
-        # sm_90, 2 programs a multiprocessor instead of 3 (a first version at 204 took 2.50 ms a forward at 4096
-        # tokens on an H100, against 2.32 before, NOTES.md v28); unpipelined 148.
-        for blk in tl.range(start, a, num_stages=1):
+        # The masked loops in MASKED_STAGES stages (see MASKED_LOOP_STAGES): unpipelined where the kernel starts
+        # from near states, since pipelined they took it to 189 registers a thread compiled for sm_90, 2 programs
+        # a multiprocessor instead of 3 (a first version at 204 took 2.50 ms a forward at 4096 tokens on an H100,
+        # against 2.32 before, NOTES.md v28); unpipelined 148.
+        for blk in tl.range(start, a, num_stages=MASKED_STAGES):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
                 qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
@@ -418,7 +419,7 @@ def _attend_run(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
                 qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-        for blk in tl.range(e, end, num_stages=1):
+        for blk in tl.range(e, end, num_stages=MASKED_STAGES):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
                 qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
@@ -435,7 +436,7 @@ def _attention_kernel(
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -515,11 +516,11 @@ def _attention_kernel(
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
         P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
     near_stop = lo_start
     if NEAR_STATE:
         near_stop = hi_end
@@ -558,6 +559,25 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
     if dtype == torch.float32 or head_dim > 128:
         return Tiles(32, 32, 4, 1)
     return Tiles(64, 64, 4, 3)
+
+
+# Pipeline stages of the attention kernel's masked key-block loops on Hopper where it does not start from the near
+# kernel's states (window or Triton band, no position terms). With 1 (unpipelined, the default) ptxas serialises
+# every tensor-core product (wgmma) in those kernels, the hot unmasked loop's included (its C7515 advisory, "non
+# wgmma instructions defining accumulator registers"; demo config, sm_90: 178 registers); with 2 it does not (185
+# registers, the same 2 programs a multiprocessor). Compiled, not yet timed or tested on a GPU: 2 is for the A/B
+# `scripts/gpu_fused_check.py --masked-stages` (NOTES.md, v32). Kernels that start from near states always take 1:
+# no advisory there, and 2 would take them from 148 to 190 registers (3 programs a multiprocessor to 2); so do GPUs
+# without wgmma.
+MASKED_LOOP_STAGES = 1
+
+
+def _masked_stages(near_state: bool, device: torch.device) -> int:
+    """MASKED_STAGES of a launch: MASKED_LOOP_STAGES without near states on Hopper (and on the CPU, where the
+    interpreter ignores it and scripts/inspect_kernels.py compiles for sm_90), else 1."""
+    if near_state or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9):
+        return 1
+    return MASKED_LOOP_STAGES
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -781,6 +801,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
+            MASKED_STAGES=_masked_stages(near_state, qkv.device),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -12,7 +12,7 @@
     python scripts/gpu_fused_check.py [--quick] [--skip-models] [--variants-only] [--tile-sweep] [--graph-memory]
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
-                                      [--attention-layers] [--models-only] [--end-to-end]
+                                      [--attention-layers] [--models-only] [--end-to-end] [--masked-stages]
 """
 
 import argparse
@@ -177,6 +177,35 @@ def attention_layers(shapes, label):
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         rows.append([label, f"{batch} x {seq}", f"{layer:.1f}", f"{sdpa:.1f}", f"{layer / sdpa:.2f}"])
     print(report.table(["", "batch x seq", "attention layer us", "SDPA us", "layer / SDPA"], rows))
+
+
+def masked_stages(settings):
+    """A/B of fa.MASKED_LOOP_STAGES (the masked key-block loops of attention kernels that do not start from near
+    states), alternating: one attention layer with the window band at 1 x 512 (the default there), with the
+    Triton band (the default off Hopper) at 512 and 2048, and with no position terms at 2048 (SDPA beside them);
+    then the whole model at 1 x 512 once per setting."""
+    original = fa.MASKED_LOOP_STAGES
+    rows = []
+    try:
+        for stages in settings:
+            fa.MASKED_LOOP_STAGES = stages
+            for seq, name, band, with_positions in ((512, "window band", "window", True),
+                                                    (512, "Triton band", "triton", True),
+                                                    (2048, "Triton band", "triton", True),
+                                                    (2048, "no position terms", None, False)):
+                qkv, positions, mask = _inputs(seq)
+                ranges = fa.valid_ranges(mask)
+                pos = positions if with_positions else None
+                t = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, pos, 0.07, ranges=ranges, band_kernel=band))
+                q, k, v = qkv.view(1, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
+                sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+                rows.append([str(stages), f"1 x {seq}", name, f"{t:.1f}", f"{sdpa:.1f}"])
+        print(report.table(["masked loop stages", "batch x seq", "attention layer", "us per call", "SDPA us"], rows))
+        for stages in dict.fromkeys(settings):
+            fa.MASKED_LOOP_STAGES = stages
+            end_to_end([512], [1], label=f"masked loop stages {stages}")
+    finally:
+        fa.MASKED_LOOP_STAGES = original
 
 
 def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
@@ -351,6 +380,8 @@ def main():
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     parser.add_argument("--attention-layers", action="store_true",
                         help="only one attention layer against PyTorch SDPA at 1024 ... 8192 tokens")
+    parser.add_argument("--masked-stages", action="store_true",
+                        help="only the A/B of fa.MASKED_LOOP_STAGES (1 against 2, alternating), then stop")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -388,6 +419,9 @@ def main():
         near_attention.MAX_REGISTERS = 168
         end_to_end([512, 2048], [1], label="register cap 168")
         end_to_end([512], [32], label="register cap 168")
+        return
+    if args.masked_stages:
+        masked_stages([1, 2, 1, 2])
         return
     if args.attention_layers:
         attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")

@@ -3,10 +3,12 @@
 
 Runs the fused path's host code on CPU tensors with the kernel launches recorded instead of run, then compiles each
 recorded launch ahead of time with Triton's own compiler and ptxas (both ship in the triton wheel) for the chosen
-architecture. Per kernel: registers, spills, shared memory, and the global loads by vector width in the PTX, so a
-change that stops a table read from vectorising shows up without a GPU.
+architecture. Per kernel: registers, spills, shared memory, the global loads by vector width in the PTX (a change
+that stops a table read from vectorising shows up without a GPU), whether it uses wgmma, and whether ptxas
+serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
+                                      [--masked-loop-stages N]
 """
 
 import argparse
@@ -100,6 +102,18 @@ def _resource_usage(cubin: bytes) -> dict:
     return dict(re.findall(r"(\w+):(\d+)", text.split("Resource usage:")[-1]))
 
 
+def _wgmma_serialized(ptx: str, arch: int) -> bool:
+    """Whether ptxas serialises the kernel's tensor-core products (its C7515 advisory: every wgmma of the function
+    waits for the one before, the hot loop's included; NOTES.md, v32)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([str(tool), f"-arch=sm_{arch}a" if arch == 90 else f"-arch=sm_{arch}", "-v", str(src),
+                              "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True).stderr
+    return "C7515" in log
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90)
@@ -115,9 +129,12 @@ def main():
     parser.add_argument("--band", choices=["triton", "window", "near"], default="triton",
                         help="near tiles: Triton (position tables + gathers), the Gluon window band, or the Gluon "
                              "near attention")
+    parser.add_argument("--masked-loop-stages", type=int, default=fa.MASKED_LOOP_STAGES,
+                        help="fused_attention.MASKED_LOOP_STAGES for this compile")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
+    fa.MASKED_LOOP_STAGES = args.masked_loop_stages
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     b, s, h, d = args.batch_size, args.seq_len, args.heads, args.head_dim
     tiles = None
@@ -138,14 +155,15 @@ def main():
         usage = _resource_usage(kernel.asm["cubin"])
         rows.append([fn.__name__, str(grid), ", ".join(f"{k}={kw[k]}" for k in kw if k.startswith("BLOCK")),
                      usage.get("REG", "?"), usage.get("STACK", "?"), str(kernel.metadata.shared), str(loads[4]),
-                     str(loads[2]), str(scalar), str("wgmma" in ptx)])
+                     str(loads[2]), str(scalar), str("wgmma" in ptx),
+                     str(_wgmma_serialized(ptx, args.arch)) if "wgmma" in ptx else ""])
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             for kind in ("ttgir", "ptx"):
                 (args.dump / f"{fn.__name__}.{kind}").write_text(kernel.asm[kind])
     print(f"sm_{args.arch}, {args.dtype}, {args.band} band, batch {b}, seq {s}, {h} heads of {d}, triton {triton.__version__}")
     print(report.table(["kernel", "grid", "tiles", "registers", "stack bytes", "shared bytes", "ld.v4", "ld.v2",
-                        "scalar loads", "wgmma"], rows))
+                        "scalar loads", "wgmma", "wgmma serialized"], rows))
 
 
 if __name__ == "__main__":
