@@ -4,6 +4,11 @@ On a CPU machine the Triton kernels run under TRITON_INTERPRET=1 (set in conftes
 GPU they run compiled. fp32 inputs, IEEE dot products: relative L2 under 1e-5 against float64 Hugging Face."""
 
 import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,27 +366,38 @@ def test_half_model_with_gelu_epilogue_matches_float32(monkeypatch, dtype):
     assert dtype != torch.float16 or errs[True] < 1e-2
 
 
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _compiled_for_hopper(*args: str) -> dict:
+    """scripts/inspect_kernels.py run without TRITON_INTERPRET (compiling for sm_90 with the triton wheel's compiler
+    and ptxas) with `args`: its table's rows by kernel name, each split at "|"."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(SCRIPTS / "inspect_kernels.py"), *args], capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| _")}
+
+
+def _script(name: str):
+    """scripts/<name>.py imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gluon_kernels_compile_for_hopper():
     """The Gluon kernels (and the Triton kernels beside them) compile for sm_90 on any machine: Triton's compiler
     and ptxas ship in its wheel (scripts/inspect_kernels.py, run without TRITON_INTERPRET). The GPU tests above check
     the numbers."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[2] / "scripts" / "inspect_kernels.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # 700 tokens: near and saturated tiles; 64 x 512 tokens: every tile near, the near kernel writes the context.
     for band, kernel, seq, batch in (("window", "_window_band_kernel", "700", "2"),
                                      ("near", "_near_attention_kernel", "700", "2"),
                                      ("near", "_near_attention_kernel", "512", "64")):
         for dtype, dim in (("fp16", "64"), ("bf16", "128")):
-            out = subprocess.run([sys.executable, str(script), "--band", band, "--seq-len", seq, "--batch-size",
-                                  batch, "--heads", "2", "--head-dim", dim, "--dtype", dtype],
-                                 capture_output=True, text=True, env=env)
-            assert out.returncode == 0, out.stderr[-2000:]
-            rows = {line.split("|")[1].strip(): line.split("|")
-                    for line in out.stdout.splitlines() if line.startswith("| _")}
+            rows = _compiled_for_hopper("--band", band, "--seq-len", seq, "--batch-size", batch, "--heads", "2",
+                                        "--head-dim", dim, "--dtype", dtype)
             assert kernel in rows and "_near_band_kernel" not in rows and "_position_tables_kernel" not in rows
             assert ("_attention_kernel" in rows) == (seq == "700"), "the Triton kernel after the near one, or not"
             assert rows[kernel][-3].strip() == "True", f"no wgmma in {kernel}'s PTX"
@@ -396,44 +412,24 @@ def test_pipelined_masked_loops_stop_wgmma_serialisation():
     """fused_attention.MASKED_LOOP_STAGES (v32, not yet timed on a GPU): the Triton kernel without near states
     (window band) compiled for sm_90 has its wgmma serialised by ptxas with the masked loops unpipelined, and not with
     them in two stages."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    script = Path(__file__).resolve().parents[2] / "scripts" / "inspect_kernels.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     serialised = {}
     for stages in ("1", "2"):
-        out = subprocess.run([sys.executable, str(script), "--band", "window", "--seq-len", "512", "--heads", "6",
-                              "--masked-loop-stages", stages], capture_output=True, text=True, env=env)
-        assert out.returncode == 0, out.stderr[-2000:]
-        row = next(line.split("|") for line in out.stdout.splitlines() if line.startswith("| _attention_kernel"))
-        serialised[stages] = row[-2].strip()
+        rows = _compiled_for_hopper("--band", "window", "--seq-len", "512", "--heads", "6", "--masked-loop-stages",
+                                    stages)
+        serialised[stages] = rows["_attention_kernel"][-2].strip()
     assert serialised == {"1": "True", "2": "False"}, serialised
 
 
 def test_gemm_check_kernels_match_float32():
     """The Triton GEMMs (bias and GELU epilogues, pointer loads and TMA descriptors, a partial last row block) and the
     in-place GELU that scripts/gpu_gemm_check.py times against cuBLAS give the float32 product's numbers."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_gemm_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_gemm_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check_kernels(DEVICE)  # raises SystemExit when a kernel is off
+    _script("gpu_gemm_check").check_kernels(DEVICE)  # raises SystemExit when a kernel is off
 
 
 def test_flash_ceiling_kernels_match_float64():
     """The bare flash-attention loops scripts/gpu_flash_ceiling.py times against SDPA (TMA descriptors and pointer
     loads, one and several key blocks a query block) compute attention."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu_flash_ceiling.py"
-    spec = importlib.util.spec_from_file_location("gpu_flash_ceiling", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check_kernels(DEVICE)  # raises SystemExit when a kernel is off
+    _script("gpu_flash_ceiling").check_kernels(DEVICE)  # raises SystemExit when a kernel is off
 
 
 def test_wrong_span_is_caught(monkeypatch):
