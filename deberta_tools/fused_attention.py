@@ -562,14 +562,14 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
 
 
 # Pipeline stages of the attention kernel's masked key-block loops on Hopper where it does not start from the near
-# kernel's states (window or Triton band, no position terms). With 1 (unpipelined, the default) ptxas serialises
-# every tensor-core product (wgmma) in those kernels, the hot unmasked loop's included (its C7515 advisory, "non
-# wgmma instructions defining accumulator registers"; demo config, sm_90: 178 registers); with 2 it does not (185
-# registers, the same 2 programs a multiprocessor). Compiled, not yet timed or tested on a GPU: 2 is for the A/B
-# `scripts/gpu_fused_check.py --masked-stages` (NOTES.md, v32). Kernels that start from near states always take 1:
-# no advisory there, and 2 would take them from 148 to 190 registers (3 programs a multiprocessor to 2); so do GPUs
-# without wgmma.
-MASKED_LOOP_STAGES = 1
+# kernel's states (window or Triton band, no position terms). Unpipelined (1), ptxas serialises every tensor-core
+# product (wgmma) in those kernels, the hot unmasked loop's included (its C7515 advisory, "non wgmma instructions
+# defining accumulator registers"; demo config, sm_90: 178 registers); with 2 it does not (185 registers, the same
+# 2 programs a multiprocessor). On an H100 (`scripts/gpu_fused_check.py --masked-stages`, NOTES.md v32) 2 took one
+# layer at 1 x 512 from 19.0 to 18.2 us (window band) and at 2048 with no position terms from 31.0 to 28.1 us, a
+# forward at 1 x 512 from 0.563 to 0.556 ms. Kernels that start from near states always take 1: no advisory there,
+# and 2 would take them from 148 to 190 registers (3 programs a multiprocessor to 2); so do GPUs without wgmma.
+MASKED_LOOP_STAGES = 2
 
 
 def _masked_stages(near_state: bool, device: torch.device) -> int:
