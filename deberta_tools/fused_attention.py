@@ -26,9 +26,7 @@ is computed per group of heads in two steps and never materialises an S x S tens
    a tile is beyond the saturation distance every element reads the same C2P column t per row and the same P2C
    column t per key: Q_i.K_j + C2P[i, t] + K_j.Qr[t] = (Q_i + Qr[t]).K_j + C2P[i, t], so a run of such tiles
    takes Qr[t] into its queries once and C2P[i, t] as an offset of each row's exponent, and each tile is a plain
-   flash tile (the key mask only in blocks that can hold a padded key, `valid_ranges`). Where query blocks are
-   too few to fill the GPU, several programs share one query block's key blocks and the last of them to finish
-   merges their softmax states (`parts_for`). Gathering inside the
+   flash tile (the key mask only in blocks that can hold a padded key, `valid_ranges`). Gathering inside the
    softmax loop made near tiles 4.5-5x the cost of plain flash tiles on an H100; distance-expanded tables (aligned
    vector reads) cost as much to write as they saved (results/fused-attention-h100/NOTES.md).
 
@@ -429,58 +427,30 @@ def _attend_run(
 
 
 @triton.jit
-def _merge_state(acc, m_i, l_i, ACC_ROWS, M_PTRS, L_PTRS, dd, CACHE: tl.constexpr):
-    """(acc, m_i, l_i) with a saved softmax state folded in: unnormalised output rows at ACC_ROWS (pointers to each
-    row's first element), running maximum (log2 units) at M_PTRS and running sum at L_PTRS."""
-    m_k = tl.load(M_PTRS, cache_modifier=CACHE)
-    m_new = tl.maximum(m_i, m_k)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    beta = tl.math.exp2(m_k - m_safe)
-    l_i = l_i * alpha + tl.load(L_PTRS, cache_modifier=CACHE) * beta
-    acc = acc * alpha[:, None] + tl.load(ACC_ROWS[:, None] + dd[None, :], cache_modifier=CACHE) * beta[:, None]
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _share(a0, a1, offset, n):
-    """[lo, hi) within a run of n key blocks that sits at `offset` in the query block's list of blocks, of the list's
-    blocks [a0, a1)."""
-    return tl.minimum(tl.maximum(a0 - offset, 0), n), tl.minimum(tl.maximum(a1 - offset, 0), n)
-
-
-@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS, P2C_POS, stride_pos_h, stride_pos_p, TOP,
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
-    PART_ACC, PART_ML, PART_ROWS, COUNTS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, PARTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
-    blocks in ACC / ML, SPLITS of them (`near_attention`). PARTS programs share a query block's key blocks, each a
-    consecutive share: each leaves its softmax state in PART_ACC / PART_ML, and the last to finish (COUNTS, one
-    counter per query block, zero at launch) merges them and writes the rows. Grid (query blocks x PARTS, B * G),
-    with NEAR_STATE (B * G, query blocks x PARTS)."""
+    blocks in ACC / ML, SPLITS of them (`near_attention`). Grid (query blocks, B * G), with NEAR_STATE (B * G, query
+    blocks)."""
     if NEAR_STATE:
-        # Grid (B * G, query blocks x PARTS), heads fastest and the query blocks from both ends inwards: the blocks
-        # with the most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33
-        # -> 1.30 ms a forward with the near kernel's order, results/fused-attention-h100/NOTES.md, v23).
+        # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
+        # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
+        # ms a forward with the near kernel's order, results/fused-attention-h100/NOTES.md, v23).
         pid_bg = tl.program_id(0)
-        p = tl.program_id(1) // PARTS
-        part = tl.program_id(1) % PARTS
-        n_m = tl.num_programs(1) // PARTS
-        pid_m = tl.where(p % 2 == 0, p // 2, n_m - 1 - p // 2)
-    else:  # grid (query blocks x PARTS, B * G)
-        pid_m = tl.program_id(0) // PARTS
-        part = tl.program_id(0) % PARTS
-        n_m = tl.num_programs(0) // PARTS
+        p = tl.program_id(1)
+        pid_m = tl.where(p % 2 == 0, p // 2, tl.num_programs(1) - 1 - p // 2)
+    else:  # grid (query blocks, B * G)
+        pid_m = tl.program_id(0)
         pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
@@ -514,19 +484,6 @@ def _attention_kernel(
     blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
                                                        SAT_HI, SAT_LO, BLOCK_M, BLOCK_N)
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
-    # This program's share of them: the list of blocks the kernel visits (the three runs, without the near one with
-    # NEAR_STATE) cut into PARTS consecutive shares.
-    n_top = hi_end - blk_first
-    n_mid = lo_start - hi_end
-    if NEAR_STATE:
-        n_mid = 0
-    n_all = n_top + n_mid + blk_end - lo_start
-    per = tl.cdiv(n_all, PARTS)
-    a0 = tl.minimum(part * per, n_all)
-    a1 = tl.minimum(a0 + per, n_all)
-    top_lo, top_hi = _share(a0, a1, 0, n_top)
-    mid_lo, mid_hi = _share(a0, a1, n_top, n_mid)
-    low_lo, low_hi = _share(a0, a1, n_top + n_mid, blk_end - lo_start)
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
 
@@ -541,69 +498,49 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if NEAR_STATE:  # the near key blocks are done: the first share starts from their softmax states, merged
-        if part == 0:
-            for k in range(SPLITS):
-                state = (pid_bg.to(tl.int64) * SPLITS + k) * ROWS
-                acc, m_i, l_i = _merge_state(acc, m_i, l_i, ACC + (state + i) * BLOCK_D, ML + 2 * state + i,
-                                             ML + 2 * state + ROWS + i, dd, "")
+    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged
+        for part in range(SPLITS):
+            state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+            m_k = tl.load(ML + 2 * state + i)
+            m_new = tl.maximum(m_i, m_k)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            beta = tl.math.exp2(m_k - m_safe)
+            l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+            acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
+            m_i = m_new
     # The saturated runs, at the top index and at index 0
     P2C_H = P2C_POS + h * stride_pos_h + dd
     d_ok = dd < HEAD_DIM
     OUT_PTRS = OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :]
     acc, m_i, l_i = _attend_run(
-        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first + top_lo, blk_first + top_hi, full_first, full_end,
-        c2p_top, P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
+        P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
     acc, m_i, l_i = _attend_run(
-        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start + low_lo, lo_start + low_hi, full_first, full_end,
-        c2p_zero, P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
+        P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
-    if not NEAR_STATE:  # (with NEAR_STATE the near run is done; a loop left in would keep q live through the runs)
-        for blk in range(hi_end + mid_lo, hi_end + mid_hi):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
-                QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-                True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    near_stop = lo_start
+    if NEAR_STATE:
+        near_stop = hi_end
+    for blk in range(hi_end, near_stop):
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
+            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+            True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    if PARTS > 1:
-        # Every share leaves its state; the one that finishes last (the counter's old value) merges all of them in
-        # share order, so the sums are the same whichever that is, and writes the rows. The barrier and the
-        # counter's acquire-release order this program's state before the count, as a grid-wide barrier does.
-        state = (pid_bg.to(tl.int64) * PARTS + part) * PART_ROWS
-        tl.store(PART_ACC + (state + i)[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(PART_ML + 2 * state + i, m_i)
-        tl.store(PART_ML + 2 * state + PART_ROWS + i, l_i)
-        tl.debug_barrier()
-        if tl.atomic_add(COUNTS + pid_bg * n_m + pid_m, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
-            m_k = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_k = tl.zeros([BLOCK_M], tl.float32)
-            acc_k = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for k in range(0, tl.num_programs(1 if NEAR_STATE else 0) // n_m):
-                state = (pid_bg.to(tl.int64) * PARTS + k) * PART_ROWS
-                # .cg: from L2, where the other programs' stores are, never a stale line of this multiprocessor's L1
-                acc_k, m_k, l_k = _merge_state(acc_k, m_k, l_k, PART_ACC + (state + i) * BLOCK_D,
-                                               PART_ML + 2 * state + i, PART_ML + 2 * state + PART_ROWS + i, dd, ".cg")
-            _write_rows(acc_k, l_k, qvalid, row_ok, OUT_PTRS, io_mask, QKV_B, stride_qkv_s, V_COL, S, BLOCK_N, BLOCK_D)
-    else:
-        _write_rows(acc, l_i, qvalid, row_ok, OUT_PTRS, io_mask, QKV_B, stride_qkv_s, V_COL, S, BLOCK_N, BLOCK_D)
-
-
-@triton.jit
-def _write_rows(acc, l_i, qvalid, row_ok, OUT_ROWS, io_mask, QKV_B, stride_qkv_s, V_COL, S, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """The query block's context rows from its softmax state: acc / l_i, and the mean of all S value rows for a
-    padded query (Hugging Face gives a padded query row the same score for every key)."""
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-        dd = tl.arange(0, BLOCK_D)
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
         v_sum = tl.zeros([BLOCK_D], tl.float32)
         for n in range(0, tl.cdiv(S, BLOCK_N)):
             jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
             v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
             v_sum += tl.sum(v.to(tl.float32), 0)
         out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-    tl.store(OUT_ROWS, out.to(OUT_ROWS.dtype.element_ty), mask=io_mask)
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
 
 
 @dataclass(frozen=True)
@@ -641,29 +578,6 @@ def _masked_stages(near_state: bool, device: torch.device) -> int:
     if near_state or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9):
         return 1
     return MASKED_LOOP_STAGES
-
-
-# How many programs share one query block's key blocks in the attention kernel (`_attention_kernel`, PARTS): None
-# lets `parts_for` choose, an int forces it for every launch (tests and timing A/Bs).
-ATTENTION_PARTS = None
-# After the near kernel the attention kernel has the saturated tiles alone: at 1 x 2048 tokens of the demo config
-# 192 programs of 17 of them on average and 23 at most, on 132 multiprocessors that hold 3 each (148 registers a
-# thread). Where a launch has fewer query-block programs than SATURATED_PROGRAMS_PER_SM a multiprocessor, up to
-# MAX_PARTS programs share each query block (NOTES.md, v33).
-SATURATED_PROGRAMS_PER_SM = 3
-MAX_PARTS = 4
-
-
-def parts_for(device: torch.device, near_state: bool, query_blocks: int, programs: int) -> int:
-    """PARTS of an attention-kernel launch of `query_blocks` x `programs` (batch x heads) query-block programs: with
-    near states, enough for SATURATED_PROGRAMS_PER_SM programs a multiprocessor (at most MAX_PARTS), else 1;
-    ATTENTION_PARTS when set."""
-    if ATTENTION_PARTS is not None:
-        return ATTENTION_PARTS
-    if not near_state:
-        return 1
-    want = SATURATED_PROGRAMS_PER_SM * near_attention._multiprocessors(device)
-    return max(1, min(MAX_PARTS, want // (query_blocks * programs)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -849,18 +763,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         return near_attention.near_output(qkv, mask, ranges, positions, heads, head_dim, sat, factor * _LOG2E, out)
     group = heads_per_launch(positions, batch, seq, heads, qkv.element_size(), tiles, table_budget,
                              tables=kind == "triton", band=kind != "near")
-    query_blocks = triton.cdiv(seq, tiles.block_m)
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
-        near_state = positions is not None and kind == "near"
-        parts = parts_for(qkv.device, near_state, query_blocks, batch * g)
-        # One counter per query block for the programs that share it, zero at launch: the near kernel zeroes them
-        # (no memset in the graph), else a zeroed tensor where they are used.
-        if near_state:
-            counts = torch.empty(batch * g * query_blocks, device=qkv.device, dtype=torch.int32)
-        else:
-            counts = torch.zeros(batch * g * query_blocks if parts > 1 else 1, device=qkv.device, dtype=torch.int32)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -869,7 +774,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             rows = _table_rows(seq)
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
-                                                           sat, factor * _LOG2E, counts=counts)
+                                                           sat, factor * _LOG2E)
                 state = (acc, ml, acc.shape[1])
             elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
@@ -881,29 +786,22 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        part_rows = query_blocks * tiles.block_m
-        block_d = triton.next_power_of_2(head_dim)
-        if parts > 1:  # each program's softmax state, for the one that finishes its query block last
-            part_acc = torch.empty((batch * g, parts, part_rows, block_d), device=qkv.device, dtype=torch.float32)
-            part_ml = torch.empty((batch * g, parts, 2, part_rows), device=qkv.device, dtype=torch.float32)
-        else:
-            part_acc = part_ml = counts
+        near_state = positions is not None and kind == "near"
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
-        grid = (query_blocks * parts, batch * g)
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
             p2c_pos, p2c_pos.stride(0), p2c_pos.stride(1), p2c_pos.shape[1] - 1,
             band, band.stride(0), slots, *state,
-            part_acc, part_ml, part_rows, counts,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.block_m,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            MASKED_STAGES=_masked_stages(near_state, qkv.device), PARTS=parts,
+            MASKED_STAGES=_masked_stages(near_state, qkv.device),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -79,7 +79,7 @@ if wb.gluon is not None:
     @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
-        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS, COUNTS,
+        DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, num_warps: gl.constexpr,
@@ -87,8 +87,7 @@ if wb.gluon is not None:
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
-        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead. Not FINAL:
-        COUNTS[bg * query blocks + m] = 0, the counters of the attention kernel after this one (its PARTS)."""
+        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
         WIN: gl.constexpr = 2 * BLOCK
         if FINAL:  # grid (query blocks, B * G)
             m = gl.program_id(0) // SPLITS
@@ -103,8 +102,6 @@ if wb.gluon is not None:
             part = gl.program_id(1) % SPLITS
             c = (gl.cdiv(S, BLOCK) - 1) // 2
             m = gl.where(mq % 2 == 0, c - mq // 2, c + 1 + mq // 2)
-        if (not FINAL) and (part == 0):
-            gl.store(COUNTS + pid_bg * gl.cdiv(S, BLOCK) + m, 0)
         b = (pid_bg // G).to(gl.int64)
         h = H0 + pid_bg % G
         i0 = m * BLOCK
@@ -297,14 +294,11 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
 
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None, counts: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
     (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
     in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
-    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `counts` (int32, B * group x query blocks;
-    a scratch tensor when not given) comes back zeroed for the attention kernel's PARTS. `window_band.supported(...)`
-    must hold."""
+    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
@@ -312,10 +306,8 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
-    if counts is None:
-        counts = torch.empty(batch * group * triton.cdiv(seq, wb.BLOCK), device=qkv.device, dtype=torch.int32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, counts, None)
+            acc, ml, edges, None)
     return acc, ml, edges
 
 
@@ -339,8 +331,7 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
                 saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
     """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
     tiles, so no state and no Triton kernel after this one."""
-    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, qkv,
-            out)
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
     return out
 
 
@@ -350,7 +341,7 @@ MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, counts, out):
+            acc, ml, edges, out):
     batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
     final = out is not None
@@ -361,7 +352,7 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
-        edges, *edge_strides, rows, counts, out, out.stride(0), out.stride(1),
+        edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,

@@ -13,7 +13,6 @@
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
                                       [--attention-layers] [--models-only] [--end-to-end] [--masked-stages]
-                                      [--parts]
 """
 
 import argparse
@@ -209,32 +208,6 @@ def masked_stages(settings):
         fa.MASKED_LOOP_STAGES = original
 
 
-def parts_ab(settings):
-    """A/B of fa.ATTENTION_PARTS (programs per query block in the attention kernel after the near kernel; None: its
-    own choice), alternating: one attention layer at 1 x 1024, 1 x 2048 and 1 x 4096 (SDPA beside it), then the whole
-    model at 1 x 1024 and 1 x 2048 once per setting."""
-    original = fa.ATTENTION_PARTS
-    rows = []
-    try:
-        for parts in settings:
-            fa.ATTENTION_PARTS = parts
-            for seq in (1024, 2048, 4096):
-                qkv, positions, mask = _inputs(seq)
-                ranges = fa.valid_ranges(mask)
-                chosen = fa.parts_for(qkv.device, True, seq // 64, 6)
-                t = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges))
-                q, k, v = qkv.view(1, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
-                sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-                rows.append([str(parts), str(chosen), f"1 x {seq}", f"{t:.1f}", f"{sdpa:.1f}", f"{t / sdpa:.2f}"])
-        print(report.table(["ATTENTION_PARTS", "parts used", "batch x seq", "attention layer us", "SDPA us",
-                            "layer / SDPA"], rows))
-        for parts in dict.fromkeys(settings):
-            fa.ATTENTION_PARTS = parts
-            end_to_end([1024, 2048], [1], label=f"ATTENTION_PARTS {parts}")
-    finally:
-        fa.ATTENTION_PARTS = original
-
-
 def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
     rows = []
     model = _model()
@@ -409,8 +382,6 @@ def main():
                         help="only one attention layer against PyTorch SDPA at 1024 ... 8192 tokens")
     parser.add_argument("--masked-stages", action="store_true",
                         help="only the A/B of fa.MASKED_LOOP_STAGES (1 against 2, alternating), then stop")
-    parser.add_argument("--parts", action="store_true",
-                        help="only the A/B of fa.ATTENTION_PARTS (its own choice, 1, 2, 3, 4, twice), then stop")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -451,9 +422,6 @@ def main():
         return
     if args.masked_stages:
         masked_stages([1, 2, 1, 2])
-        return
-    if args.parts:
-        parts_ab([None, 1, 2, 3, 4, None, 1, 2, 3, 4])
         return
     if args.attention_layers:
         attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")

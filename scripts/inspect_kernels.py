@@ -8,7 +8,7 @@ that stops a table read from vectorising shows up without a GPU), whether it use
 serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
-                                      [--masked-loop-stages N] [--parts N]
+                                      [--masked-loop-stages N]
 """
 
 import argparse
@@ -131,13 +131,10 @@ def main():
                              "near attention")
     parser.add_argument("--masked-loop-stages", type=int, default=fa.MASKED_LOOP_STAGES,
                         help="fused_attention.MASKED_LOOP_STAGES for this compile")
-    parser.add_argument("--parts", type=int, help="fused_attention.ATTENTION_PARTS for this compile (default: its own "
-                                                     "choice for an H100's 132 multiprocessors)")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
-    fa.ATTENTION_PARTS = args.parts
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     b, s, h, d = args.batch_size, args.seq_len, args.heads, args.head_dim
     tiles = None
