@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import near_attention, window_band
+from . import near_attention, program_times, window_band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -433,15 +433,17 @@ def _attention_kernel(
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale,
+    S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
     blocks in ACC / ML, SPLITS of them (`near_attention`). Grid (query blocks, B * G), with NEAR_STATE (B * G, query
-    blocks)."""
+    blocks). RECORD: each program's times into TIMES (`program_times`)."""
+    if RECORD:
+        started = program_times.now()
     if NEAR_STATE:
         # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
         # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
@@ -541,6 +543,8 @@ def _attention_kernel(
         out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
     tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
              out.to(OUT.dtype.element_ty), mask=io_mask)
+    if RECORD:
+        program_times.record(TIMES, started, pid_m, pid_bg)
 
 
 @dataclass(frozen=True)
@@ -790,6 +794,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
@@ -797,11 +802,11 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
-            seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E,
+            seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E, qkv if times is None else times,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            MASKED_STAGES=_masked_stages(near_state, qkv.device),
+            MASKED_STAGES=_masked_stages(near_state, qkv.device), RECORD=times is not None,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 

@@ -1,4 +1,5 @@
-"""Model inputs: random token ids with a realistic padding mask, and padding to the plugin's multiple of 64."""
+"""Model inputs: random token ids with a realistic padding mask, padding to the plugin's multiple of 64, and
+random inputs of one fused attention layer for the GPU timing scripts."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def random_inputs(batch: int, seq_len: int, vocab_size: int, seed: int = 0, padd
             mask[b, rng.integers(max(1, seq_len // 2), seq_len + 1):] = 0
     ids[mask == 0] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def attention_layer(seq_len: int, batch: int = 1, heads: int = 6, head_dim: int = 64, span: int = 256,
+                    device: str = "cuda"):
+    """(qkv, positions, mask) of one fused attention layer for timing (the demo config's 6 heads of 64 and v3's
+    position rule by default): random fp16 projections and relative embeddings, no padding."""
+    import torch
+
+    from . import fused_attention as fa
+    qkv = torch.randn(batch, seq_len, 3 * heads * head_dim, device=device, dtype=torch.float16)
+    positions = fa.Positions(fa.PositionRule(span, span, 2 * span),
+                             torch.randn(2, heads, 2 * span, head_dim, device=device, dtype=torch.float16), 0, 1)
+    mask = torch.ones(batch, seq_len, dtype=torch.int32, device=device)
+    return qkv, positions, mask
 
 
 def pad_to_multiple(feeds: dict, multiple: int = SEQ_MULTIPLE) -> tuple[dict, int]:

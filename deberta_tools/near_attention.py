@@ -39,6 +39,7 @@ import torch
 import triton
 
 from . import fused_attention as fa
+from . import program_times
 from . import window_band as wb
 
 if wb.gluon is not None:
@@ -80,14 +81,18 @@ if wb.gluon is not None:
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
-        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead."""
+        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead.
+        RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
+        takes as they are)."""
+        if RECORD:
+            started = program_times.now()
         WIN: gl.constexpr = 2 * BLOCK
         if FINAL:  # grid (query blocks, B * G)
             m = gl.program_id(0) // SPLITS
@@ -274,6 +279,8 @@ if wb.gluon is not None:
             r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
+        if RECORD:
+            program_times.record(TIMES, started, m, pid_bg)
 
 
 @lru_cache(maxsize=None)
@@ -348,12 +355,13 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
     out = out if final else qkv  # a placeholder when the state is written
     edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
+    times = program_times.buffer("near", grid[0] * grid[1], qkv.device)
     _near_attention_kernel[grid if final else grid[::-1]](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
-        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits,
+        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -29,6 +29,7 @@ from deberta_tools import export, fused_attention as fa, fused_model, near_atten
 from deberta_tools import window_band  # noqa: E402
 from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
+from deberta_tools import inputs  # noqa: E402
 from deberta_tools.inputs import random_inputs  # noqa: E402
 
 
@@ -75,11 +76,7 @@ def model_check(shapes, seqs, batch):
 
 
 def _inputs(seq, heads=6, dim=64, span=256, batch=1):
-    qkv = torch.randn(batch, seq, 3 * heads * dim, device="cuda", dtype=torch.float16)
-    positions = fa.Positions(fa.PositionRule(span, span, 2 * span),
-                             torch.randn(2, heads, 2 * span, dim, device="cuda", dtype=torch.float16), 0, 1)
-    mask = torch.ones(batch, seq, dtype=torch.int32, device="cuda")
-    return qkv, positions, mask
+    return inputs.attention_layer(seq, batch, heads, dim, span)
 
 
 def variant_timing(seqs, tiles_list, batch=1):

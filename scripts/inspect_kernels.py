@@ -8,7 +8,7 @@ that stops a table read from vectorising shows up without a GPU), whether it use
 serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
-                                      [--masked-loop-stages N]
+                                      [--masked-loop-stages N] [--record-times]
 """
 
 import argparse
@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import fused_attention as fa, near_attention, report, window_band  # noqa: E402
+from deberta_tools import fused_attention as fa, near_attention, program_times, report, window_band  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -131,10 +131,14 @@ def main():
                              "near attention")
     parser.add_argument("--masked-loop-stages", type=int, default=fa.MASKED_LOOP_STAGES,
                         help="fused_attention.MASKED_LOOP_STAGES for this compile")
+    parser.add_argument("--record-times", action="store_true",
+                        help="the kernels as scripts/gpu_program_times.py runs them (program_times.RECORDING)")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
+    if args.record_times:
+        program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     b, s, h, d = args.batch_size, args.seq_len, args.heads, args.head_dim
     tiles = None

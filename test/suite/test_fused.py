@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -17,7 +18,7 @@ import triton.language as tl
 
 from conftest import make_model
 from deberta_tools import fused_attention as fa
-from deberta_tools import fused_model, gemm, near_attention
+from deberta_tools import fused_model, gemm, near_attention, program_times
 from deberta_tools.errors import UserError
 
 DEVICE = "cuda" if torch.cuda.is_available() and not fa.INTERPRET else "cpu"
@@ -418,6 +419,29 @@ def test_pipelined_masked_loops_stop_wgmma_serialisation():
                                     stages)
         serialised[stages] = rows["_attention_kernel"][-2].strip()
     assert serialised == {"1": "True", "2": "False"}, serialised
+
+
+def test_recording_kernels_compile_for_hopper():
+    """The near kernel and the attention kernel after it, with each program recording its times
+    (program_times.RECORDING, scripts/gpu_program_times.py), compile for sm_90 with their products still pipelined."""
+    rows = _compiled_for_hopper("--band", "near", "--seq-len", "2048", "--record-times")
+    assert {"_near_attention_kernel", "_attention_kernel"} <= set(rows)
+    assert all(row[-2].strip() != "True" for row in rows.values())
+
+
+def test_program_times_summary():
+    """program_times.summary on a made-up launch: three programs on two SMs (two side by side on SM 0), clocks
+    running at 2 a ns."""
+    us = 1000
+    rows = np.array([[0, 0, 10 * us, 0, 20 * us, 5, 0],
+                     [0, 2 * us, 6 * us, 4 * us, 12 * us, 6, 0],
+                     [1, 1 * us, 4 * us, 2 * us, 8 * us, 7, 0]])
+    s = program_times.summary(rows, multiprocessors=2)
+    assert (s["span us"], s["programs"], s["most on one SM"], s["SMs used"]) == (10, 3, 2, 2)
+    assert s["program us mean"] == pytest.approx(17 / 3) and s["program us max"] == pytest.approx(10)
+    assert s["SM busy %"] == pytest.approx(65) and s["first SM idle at us"] == pytest.approx(4)
+    assert s["slowest query blocks"] == "5: 10.0, 6: 4.0, 7: 3.0"
+    assert program_times.summary(rows, multiprocessors=3)["first SM idle at us"] == 0  # one SM never had work
 
 
 def test_gemm_check_kernels_match_float32():

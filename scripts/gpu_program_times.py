@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""On a CUDA GPU: how the programs of one fused attention layer were laid out on the GPU (deberta_tools.program_times).
+
+For each length: one layer of the demo config's shape (6 heads of 64, v3 position rule, fp16, no padding), run with
+every program of the near kernel and of the attention kernel after it recording its SM, start and end; per kernel its
+span, the most programs side by side on one SM, the mean and longest program, how busy the SMs were over the span,
+when the first SM ran out of work, and the query blocks whose programs took longest; the gap between the two
+kernels. Beside it the layer's time without the recording (CUDA graph of 10 calls, median), since the recording
+adds a few instructions and registers to each program.
+
+    python scripts/gpu_program_times.py [--seq-len 1024 2048 4096] [--batch-size 1] [--csv DIR]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deberta_tools import fused_attention as fa, inputs, program_times, report  # noqa: E402
+from deberta_tools.timing import graph_us  # noqa: E402
+
+
+def recorded_layer(seq, batch, heads=6, dim=64):
+    """[(kernel name, times as a numpy array)] of one layer's launches, after three recorded warm-up runs."""
+    torch.manual_seed(seq)
+    qkv, positions, mask = inputs.attention_layer(seq, batch, heads, dim)
+    ranges = fa.valid_ranges(mask)
+    plain = graph_us(lambda: fa.attention(qkv, mask, heads, dim, positions, 0.07, ranges=ranges))
+    program_times.RECORDING = []
+    try:
+        for _ in range(4):
+            program_times.RECORDING.clear()
+            fa.attention(qkv, mask, heads, dim, positions, 0.07, ranges=ranges)
+        torch.cuda.synchronize()
+        launches = [(name, times.cpu().numpy()) for name, times in program_times.RECORDING]
+    finally:
+        program_times.RECORDING = None
+    return launches, plain
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--csv", type=Path, help="write each launch's rows (program_times.FIELDS) here")
+    args = parser.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
+          triton.__version__)
+    rows = []
+    for seq in args.seq_len:
+        launches, plain = recorded_layer(seq, args.batch_size)
+        first = min(times[:, 1].min() for _, times in launches)
+        last = max(times[:, 2].max() for _, times in launches)
+        for n, (name, times) in enumerate(launches):
+            s = program_times.summary(times, sms)
+            gap = "" if n == 0 else f"{(times[:, 1].min() - launches[n - 1][1][:, 2].max()) / 1e3:.1f}"
+            rows.append([f"{args.batch_size} x {seq}", name, f"{s['span us']:.1f}", gap, str(s["programs"]),
+                         str(s["most on one SM"]), str(s["SMs used"]), f"{s['program us mean']:.1f}",
+                         f"{s['program us max']:.1f}", f"{s['SM busy %']:.0f}", f"{s['first SM idle at us']:.1f}",
+                         s["slowest query blocks"]])
+            if args.csv:
+                args.csv.mkdir(parents=True, exist_ok=True)
+                np.savetxt(args.csv / f"{args.batch_size}x{seq}-{n}-{name}.csv", times, fmt="%d", delimiter=",",
+                           header=",".join(program_times.FIELDS), comments="")
+        rows.append([f"{args.batch_size} x {seq}", "layer", f"{(last - first) / 1e3:.1f}", "", "", "", "", "", "",
+                     "", "", f"without recording, in a CUDA graph: {plain:.1f} us"])
+    print(report.table(["batch x seq", "kernel", "span us", "gap before us", "programs", "most on one SM",
+                        "SMs used", "program us mean", "program us max", "SM busy %", "first SM idle at us",
+                        "slowest query blocks (longest program us)"], rows))
+
+
+if __name__ == "__main__":
+    main()
