@@ -56,8 +56,9 @@ def summary(times: np.ndarray, multiprocessors: int) -> dict:
     """What one launch's rows (FIELDS) say, times in µs from the first program's start: span; programs, and the
     most side by side on one SM; program time (mean, max; from the SM clock, scaled to µs by the launch's own ratio
     of clock to global timer, since the global timer may tick coarsely); SM busy time over span x SMs (an SM is
-    busy while any program runs on it); when the first SM ran out of programs (the start of the tail); and the
-    mean and longest program time of the query blocks whose programs took longest."""
+    busy while any program runs on it); when the first SM ran out of programs (the start of the tail); how many
+    programs were running at the middle of each tenth of the span (waves and tails show there); and the longest
+    program time of the query blocks whose programs took longest."""
     sm, t0, t1, c0, c1, block = (times[:, k].astype(np.float64) for k in range(6))
     first = t0.min()
     span = (t1.max() - first) / 1e3
@@ -80,6 +81,8 @@ def summary(times: np.ndarray, multiprocessors: int) -> dict:
         last_ends.append(t1[on].max())
     idle_sms = multiprocessors - len(last_ends)
     tail_from = 0.0 if idle_sms > 0 else (min(last_ends) - first) / 1e3
+    mids = first + (np.arange(10) + 0.5) / 10 * (t1.max() - first)
+    running = [int(np.sum((t0 <= t) & (t1 > t))) for t in mids]
     by_block = {int(b): dur[block == b] for b in np.unique(block)}
     slowest = sorted(by_block, key=lambda b: -by_block[b].max())[:3]
     return {
@@ -87,5 +90,6 @@ def summary(times: np.ndarray, multiprocessors: int) -> dict:
         "program us mean": float(dur.mean()), "program us max": float(dur.max()),
         "SM busy %": 100.0 * busy / 1e3 / (span * multiprocessors),
         "first SM idle at us": tail_from,
+        "running at each tenth": " ".join(map(str, running)),
         "slowest query blocks": ", ".join(f"{b}: {by_block[b].max():.1f}" for b in slowest),
     }

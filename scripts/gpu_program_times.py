@@ -4,8 +4,8 @@
 For each length: one layer of the demo config's shape (6 heads of 64, v3 position rule, fp16, no padding), run with
 every program of the near kernel and of the attention kernel after it recording its SM, start and end; per kernel its
 span, the most programs side by side on one SM, the mean and longest program, how busy the SMs were over the span,
-when the first SM ran out of work, and the query blocks whose programs took longest; the gap between the two
-kernels. Beside it the layer's time without the recording (CUDA graph of 10 calls, median), since the recording
+when the first SM ran out of work, how many programs ran at each tenth of the span, and the query blocks whose
+programs took longest; the gap between the two kernels. Beside it the layer's time without the recording (CUDA graph of 10 calls, median), since the recording
 adds a few instructions and registers to each program.
 
     python scripts/gpu_program_times.py [--seq-len 1024 2048 4096] [--batch-size 1] [--csv DIR]
@@ -62,16 +62,17 @@ def main():
             rows.append([f"{args.batch_size} x {seq}", name, f"{s['span us']:.1f}", gap, str(s["programs"]),
                          str(s["most on one SM"]), str(s["SMs used"]), f"{s['program us mean']:.1f}",
                          f"{s['program us max']:.1f}", f"{s['SM busy %']:.0f}", f"{s['first SM idle at us']:.1f}",
-                         s["slowest query blocks"]])
+                         s["running at each tenth"], s["slowest query blocks"]])
             if args.csv:
                 args.csv.mkdir(parents=True, exist_ok=True)
                 np.savetxt(args.csv / f"{args.batch_size}x{seq}-{n}-{name}.csv", times, fmt="%d", delimiter=",",
                            header=",".join(program_times.FIELDS), comments="")
         rows.append([f"{args.batch_size} x {seq}", "layer", f"{(last - first) / 1e3:.1f}", "", "", "", "", "", "",
-                     "", "", f"without recording, in a CUDA graph: {plain:.1f} us"])
+                     "", "", "", f"without recording, in a CUDA graph: {plain:.1f} us"])
     print(report.table(["batch x seq", "kernel", "span us", "gap before us", "programs", "most on one SM",
                         "SMs used", "program us mean", "program us max", "SM busy %", "first SM idle at us",
-                        "slowest query blocks (longest program us)"], rows))
+                        "programs running at each tenth of the span", "slowest query blocks (longest program us)"],
+                       rows))
 
 
 if __name__ == "__main__":

@@ -441,6 +441,7 @@ def test_program_times_summary():
     assert s["program us mean"] == pytest.approx(17 / 3) and s["program us max"] == pytest.approx(10)
     assert s["SM busy %"] == pytest.approx(65) and s["first SM idle at us"] == pytest.approx(4)
     assert s["slowest query blocks"] == "5: 10.0, 6: 4.0, 7: 3.0"
+    assert s["running at each tenth"] == "1 2 3 3 2 2 1 1 1 1"  # at 0.5, 1.5, ... 9.5 us
     assert program_times.summary(rows, multiprocessors=3)["first SM idle at us"] == 0  # one SM never had work
 
 
