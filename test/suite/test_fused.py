@@ -421,12 +421,20 @@ def test_pipelined_masked_loops_stop_wgmma_serialisation():
     assert serialised == {"1": "True", "2": "False"}, serialised
 
 
-def test_recording_kernels_compile_for_hopper():
+def test_recording_kernels_compile_for_hopper(tmp_path):
     """The near kernel and the attention kernel after it, with each program recording its times
-    (program_times.RECORDING, scripts/gpu_program_times.py), compile for sm_90 with their products still pipelined."""
-    rows = _compiled_for_hopper("--band", "near", "--seq-len", "2048", "--record-times")
+    (program_times.RECORDING, scripts/gpu_program_times.py), compile for sm_90 with their products still pipelined,
+    read the timers, and store 7 numbers a program from one thread; without RECORDING they read no timer."""
+    rows = _compiled_for_hopper("--band", "near", "--seq-len", "2048", "--record-times", "--dump", str(tmp_path / "on"))
     assert {"_near_attention_kernel", "_attention_kernel"} <= set(rows)
     assert all(row[-2].strip() != "True" for row in rows.values())
+    _compiled_for_hopper("--band", "near", "--seq-len", "2048", "--dump", str(tmp_path / "off"))
+    for kernel in ("_near_attention_kernel", "_attention_kernel"):
+        on = (tmp_path / "on" / f"{kernel}.ptx").read_text()
+        assert on.count("%globaltimer") == 2 and on.count("%clock64") == 2 and on.count("%smid") == 1, kernel
+        assert on.count("st.global.b64") == 7, kernel
+        off = (tmp_path / "off" / f"{kernel}.ptx").read_text()
+        assert "%globaltimer" not in off and "%clock64" not in off, kernel
 
 
 def test_program_times_summary():
