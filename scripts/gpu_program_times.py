@@ -5,8 +5,8 @@ For each length: one layer of the demo config's shape (6 heads of 64, v3 positio
 every program of the near kernel and of the attention kernel after it recording its SM, start and end; per kernel its
 span, the most programs side by side on one SM, the mean and longest program, how busy the SMs were over the span,
 when the first SM ran out of work, how many programs ran at each tenth of the span, and the query blocks whose
-programs took longest; the gap between the two kernels. Beside it the layer's time without the recording (CUDA graph of 10 calls, median), since the recording
-adds a few instructions and registers to each program.
+programs took longest; the gap between the two kernels. Beside it the layer's time without the recording (CUDA
+graph of 10 calls, median), since the recording adds a few instructions and registers to each program.
 
     python scripts/gpu_program_times.py [--seq-len 1024 2048 4096] [--batch-size 1] [--csv DIR]
 """
