@@ -19,6 +19,7 @@ import triton.language as tl
 # None, or a list that collects (kernel name, times tensor) for each launch while set.
 RECORDING = None
 FIELDS = ("sm", "start_ns", "end_ns", "start_clock", "end_clock", "query_block", "bg")
+_ROW = tl.constexpr(len(FIELDS))
 
 
 def buffer(name: str, programs: int, device: torch.device) -> torch.Tensor | None:
@@ -42,7 +43,7 @@ def record(TIMES, started, query_block, bg):
     """This program's row of TIMES (programs numbered along grid axis 0 first); `started` is `now()` at its start."""
     end_ns, end_clock = now()
     sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    row = TIMES + (tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)).to(tl.int64) * 7
+    row = TIMES + (tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)).to(tl.int64) * _ROW
     tl.store(row, sm.to(tl.int64))
     tl.store(row + 1, started[0])
     tl.store(row + 2, end_ns)

@@ -20,7 +20,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import compare, fused_attention as fa, near_attention, report  # noqa: E402
+from deberta_tools import compare, fused_attention as fa, inputs, near_attention, report  # noqa: E402
 from deberta_tools.timing import graph_us  # noqa: E402
 
 
@@ -127,14 +127,11 @@ def main():
     big = 1 << 20
     for seq in args.seq:
         torch.manual_seed(seq)
-        qkv = torch.randn(batch, seq, 3 * heads * dim, device="cuda", dtype=torch.float16)
+        qkv, positions, mask = inputs.attention_layer(seq, batch, heads, dim)
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, seq, -1)
         sdpa = graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         rows.append([str(seq), "PyTorch SDPA", "", f"{sdpa:.1f}", "1.00", ""])
-        positions = fa.Positions(fa.PositionRule(256, 256, 512),
-                                 torch.randn(2, heads, 512, dim, device="cuda", dtype=torch.float16), 0, 1)
-        mask = torch.ones(batch, seq, dtype=torch.int32, device="cuda")
         ranges = fa.valid_ranges(mask)
         sat = positions.rule.saturation
         ours = {

@@ -75,10 +75,6 @@ def model_check(shapes, seqs, batch):
                         "finite"], rows))
 
 
-def _inputs(seq, heads=6, dim=64, span=256, batch=1):
-    return inputs.attention_layer(seq, batch, heads, dim, span)
-
-
 def variant_timing(seqs, tiles_list, batch=1):
     """Where the kernel's time goes, per tile choice: the real mix of tiles, every tile saturated (far), no position
     terms (plain flash attention with a padding mask), the position tables alone and with the near band, and SDPA
@@ -89,7 +85,7 @@ def variant_timing(seqs, tiles_list, batch=1):
     heads, dim = 6, 64
     big = 1 << 20
     for seq in seqs:
-        qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
+        qkv, positions, mask = inputs.attention_layer(seq, batch, heads, dim)
         q, k, v = qkv.view(batch, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
         ranges = fa.valid_ranges(mask)
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -133,7 +129,7 @@ def near_ablation(cases):
     rows = []
     heads, dim = 6, 64
     for batch, seq in cases:
-        qkv, positions, mask = _inputs(seq, heads, dim, batch=batch)
+        qkv, positions, mask = inputs.attention_layer(seq, batch, heads, dim)
         ranges = fa.valid_ranges(mask)
         sat = positions.rule.saturation
         rows_ = fa._table_rows(seq)
@@ -167,7 +163,7 @@ def attention_layers(shapes, label):
     of 10 calls, median, against PyTorch SDPA (flash) on the same Q/K/V."""
     rows = []
     for batch, seq in shapes:
-        qkv, positions, mask = _inputs(seq, batch=batch)
+        qkv, positions, mask = inputs.attention_layer(seq, batch)
         ranges = fa.valid_ranges(mask)
         layer = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges))
         q, k, v = qkv.view(batch, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
@@ -190,7 +186,7 @@ def masked_stages(settings):
                                                     (512, "Triton band", "triton", True),
                                                     (2048, "Triton band", "triton", True),
                                                     (2048, "no position terms", None, False)):
-                qkv, positions, mask = _inputs(seq)
+                qkv, positions, mask = inputs.attention_layer(seq)
                 ranges = fa.valid_ranges(mask)
                 pos = positions if with_positions else None
                 t = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, pos, 0.07, ranges=ranges, band_kernel=band))

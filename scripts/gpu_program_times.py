@@ -25,7 +25,8 @@ from deberta_tools.timing import graph_us  # noqa: E402
 
 
 def recorded_layer(seq, batch, heads=6, dim=64):
-    """[(kernel name, times as a numpy array)] of one layer's launches, after three recorded warm-up runs."""
+    """([(kernel name, times as a numpy array)] of one layer's launches, after three recorded warm-up runs; the
+    layer's time without recording, µs)."""
     torch.manual_seed(seq)
     qkv, positions, mask = inputs.attention_layer(seq, batch, heads, dim)
     ranges = fa.valid_ranges(mask)
