@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import near_attention, program_times, window_band
 
@@ -381,11 +382,25 @@ def _attend_block(
 
 
 @triton.jit
+def _attend_tma(acc, m_i, l_i, q, KV_DESC, row, K_COL, V_COL, row_vec, qk_scale, DOT_PRECISION: tl.constexpr):
+    """`_attend_block` for a saturated block of valid keys (no mask, every score finite) whose K and V come through
+    a tensor descriptor: one [BLOCK_N, D] box each, no pointer tensors."""
+    s = tl.dot(q, tl.trans(KV_DESC.load([row, K_COL])), input_precision=DOT_PRECISION)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + row_vec)
+    p = tl.math.exp2(s * qk_scale - (m_new - row_vec)[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = KV_DESC.load([row, V_COL])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_run(
     acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, start, end, full_first, full_end, row_vec, P2C_ROW, d_ok,
-    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+    QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale, KV_DESC, ROW0,
     HAS_P2C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, TMA: tl.constexpr,
 ):
     """Saturated key blocks [start, end), all at one relative index t: every score of the run is
     Q_i.K_j + C2P[i, t] + P2C[j, t] = (Q_i + Qr[t]).K_j + C2P[i, t], so the query takes Qr[t] (P2C_ROW) once here and
@@ -415,10 +430,15 @@ def _attend_run(
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
                 qk_scale, False, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-        for blk in range(a, e):
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
-                qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+        if TMA:  # K and V through the tensor descriptor KV_DESC (rows of qkv as [B * S, 3 * H * D])
+            for blk in range(a, e):
+                acc, m_i, l_i = _attend_tma(acc, m_i, l_i, q, KV_DESC, ROW0 + blk * BLOCK_N, K_COL, V_COL, row_vec,
+                                            qk_scale, DOT_PRECISION)
+        else:
+            for blk in range(a, e):
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
+                    qk_scale, False, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
         for blk in tl.range(e, end, num_stages=MASKED_STAGES):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, row_vec, QKV_B, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S,
@@ -433,10 +453,10 @@ def _attention_kernel(
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES,
+    S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES, KV_DESC,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -518,11 +538,13 @@ def _attention_kernel(
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
         P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
+        KV_DESC, pid_bg // G * S,
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES)
+        KV_DESC, pid_bg // G * S,
+        HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
     near_stop = lo_start
     if NEAR_STATE:
         near_stop = hi_end
@@ -582,6 +604,30 @@ def _masked_stages(near_state: bool, device: torch.device) -> int:
     if near_state or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9):
         return 1
     return MASKED_LOOP_STAGES
+
+
+# Whether the attention kernel's unmasked saturated key blocks read K and V through a tensor descriptor (TMA on
+# Hopper) instead of pointer loads; an experiment (NOTES.md, v35) until measured.
+SATURATED_TMA = False
+
+
+def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDescriptor | None:
+    """A descriptor of qkv as [B * S, 3 * H * D] with [block_n, head_dim] boxes for `_attend_tma`, or None: without
+    SATURATED_TMA, off Hopper (the interpreter takes it), for a head size not a power of two, or for a qkv whose rows
+    are not one contiguous run (a descriptor needs 16-byte aligned strides)."""
+    batch, seq, width = qkv.shape
+    if not SATURATED_TMA or head_dim != triton.next_power_of_2(head_dim):
+        return None
+    if not (INTERPRET or _has_tma(qkv.device)):
+        return None
+    if qkv.stride(0) != seq * width or (width * qkv.element_size()) % 16 or qkv.data_ptr() % 16:
+        return None
+    return TensorDescriptor.from_tensor(qkv.view(batch * seq, width), [block_n, head_dim])
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Tensor memory accelerator: compute capability 9.0 and up."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -794,6 +840,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
+        kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
@@ -803,11 +850,12 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E, qkv if times is None else times,
+            qkv if kv_desc is None else kv_desc,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state, qkv.device), RECORD=times is not None,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            TMA=kv_desc is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
 
 

@@ -8,7 +8,7 @@ that stops a table read from vectorising shows up without a GPU), whether it use
 serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
-                                      [--masked-loop-stages N] [--record-times]
+                                      [--masked-loop-stages N] [--record-times] [--saturated-tma]
 """
 
 import argparse
@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import fused_attention as fa, near_attention, program_times, report, window_band  # noqa: E402
@@ -58,6 +59,8 @@ def _source(fn, args, kwargs):
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + _TYPES[value.dtype]
             attrs[(n,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, TensorDescriptor):
+            signature[name] = f"tensordesc<{_TYPES[value.base.dtype]}{list(value.block_shape)}>"
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -83,6 +86,7 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
     window_band.supported = lambda *args: band in ("window", "near")
     near_attention._multiprocessors = lambda device: 132  # an H100 SXM's
+    fa._has_tma = lambda device: True
     fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
                                            .to(torch.int32), rule.saturation[1])
     rule = fa.PositionRule(256, 256, 512)
@@ -133,10 +137,13 @@ def main():
                         help="fused_attention.MASKED_LOOP_STAGES for this compile")
     parser.add_argument("--record-times", action="store_true",
                         help="the kernels as scripts/gpu_program_times.py runs them (program_times.RECORDING)")
+    parser.add_argument("--saturated-tma", action="store_true",
+                        help="fused_attention.SATURATED_TMA: unmasked saturated blocks through a tensor descriptor")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
+    fa.SATURATED_TMA = args.saturated_tma
     if args.record_times:
         program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

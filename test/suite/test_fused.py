@@ -208,6 +208,19 @@ def test_padding_on_both_sides_and_holes_match_float64(name):
     assert err < 1e-5
 
 
+@pytest.mark.parametrize("name", ["v3", "c2p_only", "p2c_only"])
+def test_saturated_blocks_through_tensor_descriptors_match_float64(monkeypatch, name):
+    """fa.SATURATED_TMA: the unmasked saturated key blocks read K and V through a tensor descriptor over all of the
+    batch's rows (a block must not reach into the next sequence's rows): padded and unpadded sequences, a hole."""
+    monkeypatch.setattr(fa, "SATURATED_TMA", True)
+    made = []
+    monkeypatch.setattr(fa, "_kv_descriptor", lambda *a, real=fa._kv_descriptor: made.append(real(*a)) or made[-1])
+    err, _ = _attention_case(name, batch=4, seq=75, spans=[(21, 75), (5, 67), (0, 75), (0, 75)], hole=(2, 30, 37),
+                             **SMALL_SPAN)
+    assert made and all(d is not None for d in made), "the descriptor path was not taken"
+    assert err < 1e-5, f"{name}: relative L2 {err:.2e}"
+
+
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
