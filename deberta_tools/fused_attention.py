@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import near_attention, program_times, window_band
@@ -447,21 +448,42 @@ def _attend_run(
 
 
 @triton.jit
+def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D: tl.constexpr):
+    """The near kernel's SPLITS softmax states of rows i merged into (acc, m_i, l_i) (in either order: merging is
+    commutative)."""
+    for part in range(SPLITS):
+        state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+        m_k = tl.load(ML + 2 * state + i)
+        m_new = tl.maximum(m_i, m_k)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_k - m_safe)
+        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+        acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS, P2C_POS, stride_pos_h, stride_pos_p, TOP,
     BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
-    S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES, KV_DESC,
+    S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES, KV_DESC, C2P_POS, stride_c2p_h, stride_c2p_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
     blocks in ACC / ML, SPLITS of them (`near_attention`). Grid (query blocks, B * G), with NEAR_STATE (B * G, query
-    blocks). RECORD: each program's times into TIMES (`program_times`)."""
+    blocks). RECORD: each program's times into TIMES (`program_times`). OVERLAP (with NEAR_STATE, launched as a
+    programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
+    vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
+    OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
     if NEAR_STATE:
@@ -513,27 +535,26 @@ def _attention_kernel(
     EDGE_B = EDGES + b * stride_edge_b + g * stride_edge_h
     c2p_top = tl.zeros([BLOCK_M], tl.float32)
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
+    d_ok = dd < HEAD_DIM
     if HAS_C2P:
-        c2p_top = tl.load(EDGE_B + i)
-        c2p_zero = tl.load(EDGE_B + ROWS + i)
+        if OVERLAP:  # EDGES are the near kernel's, not written yet: position_tables' arithmetic here
+            qf = tl.load(Q_PTRS, mask=io_mask, other=0.0).to(tl.float32)
+            C2P_H = C2P_POS + h * stride_c2p_h + dd
+            c2p_top = tl.sum(qf * tl.load(C2P_H + TOP * stride_c2p_p, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
+            c2p_zero = tl.sum(qf * tl.load(C2P_H, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)
+        else:
+            c2p_top = tl.load(EDGE_B + i)
+            c2p_zero = tl.load(EDGE_B + ROWS + i)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if NEAR_STATE:  # the near key blocks are done: start from their softmax states, merged
-        for part in range(SPLITS):
-            state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
-            m_k = tl.load(ML + 2 * state + i)
-            m_new = tl.maximum(m_i, m_k)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            beta = tl.math.exp2(m_k - m_safe)
-            l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
-            acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
-            m_i = m_new
+    if NEAR_STATE and not OVERLAP:
+        # The near states first: merged after the runs, ptxas serialises the runs' tensor-core products (its C7515
+        # advisory, sm_90), as it did in the kernels without near states before v32
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
     # The saturated runs, at the top index and at index 0
     P2C_H = P2C_POS + h * stride_pos_h + dd
-    d_ok = dd < HEAD_DIM
     OUT_PTRS = OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :]
     acc, m_i, l_i = _attend_run(
         acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
@@ -545,14 +566,15 @@ def _attention_kernel(
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
-    near_stop = lo_start
-    if NEAR_STATE:
-        near_stop = hi_end
-    for blk in range(hi_end, near_stop):
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
-            QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
-            True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
+    if NEAR_STATE and OVERLAP:
+        gdc_wait()  # the near kernel has finished and its states are visible
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
+    if not NEAR_STATE:  # the near key blocks from the band
+        for blk in range(hi_end, lo_start):
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
+                QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
+                True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
@@ -598,10 +620,11 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
 MASKED_LOOP_STAGES = 2
 
 
-def _masked_stages(near_state: bool, device: torch.device) -> int:
-    """MASKED_STAGES of a launch: MASKED_LOOP_STAGES without near states on Hopper (and on the CPU, where the
-    interpreter ignores it and scripts/inspect_kernels.py compiles for sm_90), else 1."""
-    if near_state or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9):
+def _masked_stages(near_state_first: bool, device: torch.device) -> int:
+    """MASKED_STAGES of a launch: MASKED_LOOP_STAGES on Hopper unless the kernel starts from near states (without
+    them, or with them merged last: OVERLAP_NEAR_TAIL), and on the CPU (the interpreter ignores it and
+    scripts/inspect_kernels.py compiles for sm_90); else 1."""
+    if near_state_first or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] != 9):
         return 1
     return MASKED_LOOP_STAGES
 
@@ -623,6 +646,24 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
     if qkv.stride(0) != seq * width or (width * qkv.element_size()) % 16 or qkv.data_ptr() % 16:
         return None
     return TensorDescriptor.from_tensor(qkv.view(batch * seq, width), [block_n, head_dim])
+
+
+# Whether the attention kernel after the near kernel starts while the near kernel's last programs still run
+# (programmatic dependent launch: the near kernel lets it launch once all its programs have started; its programs
+# run their saturated tiles, then wait for the near states). An experiment (NOTES.md, v36) until measured: at 1 x
+# 2048 on an H100 the near kernel's SMs start running out of programs at 26 of its 34 us (v34), and the kernel
+# after it (21 us) needs none of its results until its last step. Only for grids of at most 2 programs a
+# multiprocessor: with the near states merged last, ptxas serialises the runs' tensor-core products unless the
+# masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189 registers (3 programs a
+# multiprocessor to 2; compiled for sm_90, demo config).
+OVERLAP_NEAR_TAIL = False
+
+
+def _overlaps(device: torch.device, programs: int) -> bool:
+    """OVERLAP_NEAR_TAIL where it can run and pays: compiled on a GPU with programmatic dependent launch (9.0 and
+    up), for an attention kernel grid of `programs` that fits in 2 a multiprocessor."""
+    return (OVERLAP_NEAR_TAIL and not INTERPRET and _has_tma(device)
+            and programs <= 2 * near_attention._multiprocessors(device))
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -816,6 +857,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
+        overlap = (positions is not None and kind == "near"
+                   and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g))
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -824,7 +867,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             rows = _table_rows(seq)
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
-                                                           sat, factor * _LOG2E)
+                                                           sat, factor * _LOG2E, dependents=overlap)
                 state = (acc, ml, acc.shape[1])
             elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
@@ -839,6 +882,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         near_state = positions is not None and kind == "near"
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
+        c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
@@ -850,12 +894,13 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E, qkv if times is None else times,
-            qkv if kv_desc is None else kv_desc,
+            qkv if kv_desc is None else kv_desc, c2p_pos, c2p_pos.stride(0), c2p_pos.stride(1),
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
-            MASKED_STAGES=_masked_stages(near_state, qkv.device), RECORD=times is not None,
-            TMA=kv_desc is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
+            TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            launch_pdl=overlap)
     return out
 
 

@@ -46,6 +46,7 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.language.extra.cuda import gdc_launch_dependents
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
@@ -83,7 +84,7 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -93,6 +94,8 @@ if wb.gluon is not None:
         takes as they are)."""
         if RECORD:
             started = program_times.now()
+        if DEPENDENTS:
+            gdc_launch_dependents()
         WIN: gl.constexpr = 2 * BLOCK
         if FINAL:  # grid (query blocks, B * G)
             m = gl.program_id(0) // SPLITS
@@ -301,11 +304,13 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
 
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               splits: int | None = None, dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
     (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
     in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
-    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold."""
+    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold.
+    dependents: each program first lets a kernel launched after it as a programmatic dependent start
+    (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL)."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
@@ -314,7 +319,7 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, None)
+            acc, ml, edges, None, dependents)
     return acc, ml, edges
 
 
@@ -348,7 +353,7 @@ MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, out):
+            acc, ml, edges, out, dependents=False):
     batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
     final = out is not None
@@ -363,5 +368,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

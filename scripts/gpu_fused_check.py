@@ -201,12 +201,12 @@ def masked_stages(settings):
         fa.MASKED_LOOP_STAGES = original
 
 
-def saturated_tma(settings):
-    """A/B of fa.SATURATED_TMA (the unmasked saturated key blocks' K and V through a tensor descriptor), alternating:
-    first the layer's output both ways on padded batches (2 x 2048 with 1500 and 2048 tokens, 3 x 1000 with a hole;
-    the two differ only in how K and V reach shared memory, so they must agree to fp16 rounding); then one attention
-    layer at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the whole model at 1 x 1024, 2048, 8192, per setting."""
-    original = fa.SATURATED_TMA
+def flag_ab(flag, settings):
+    """A/B of a switch of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL), alternating: first the layer's output
+    both ways on padded batches (2 x 2048 with 1500 and 2048 tokens, 3 x 1000 with a hole; the two ways differ only
+    in how the same products are scheduled or summed, so they must agree to fp16 rounding); then one attention layer
+    at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the whole model at 1 x 1024, 2048, 8192, per setting."""
+    original = getattr(fa, flag)
     try:
         for batch, seq, lengths, hole in ((2, 2048, (1500, 2048), None), (3, 1000, (1000, 700, 1000), (2, 300, 420))):
             qkv, positions, mask = inputs.attention_layer(seq, batch)
@@ -215,22 +215,22 @@ def saturated_tma(settings):
             if hole:
                 mask[hole[0], hole[1]:hole[2]] = 0
             outs = []
-            for flag in (False, True):
-                fa.SATURATED_TMA = flag
+            for value in (False, True):
+                setattr(fa, flag, value)
                 outs.append(fa.attention(qkv, mask, 6, 64, positions, 0.07).float())
             err = compare.relative_l2(outs[1].cpu().numpy(), outs[0].cpu().numpy())
-            print(f"{batch} x {seq}, lengths {lengths}, hole {hole}: descriptor against pointer loads, relative L2 "
-                  f"{err:.1e}, finite {bool(torch.isfinite(outs[1]).all())}")
+            print(f"{batch} x {seq}, lengths {lengths}, hole {hole}: {flag} on against off, relative L2 {err:.1e}, "
+                  f"finite {bool(torch.isfinite(outs[1]).all())}")
             if not err < 1e-3 or not torch.isfinite(outs[1]).all():
-                raise SystemExit("the descriptor path disagrees with the pointer loads")
-        for flag in settings:
-            fa.SATURATED_TMA = flag
-            attention_layers([(1, 1024), (1, 2048), (1, 4096), (4, 2048)], f"SATURATED_TMA={flag}")
-        for flag in dict.fromkeys(settings):
-            fa.SATURATED_TMA = flag
-            end_to_end([1024, 2048, 8192], [1], label=f"SATURATED_TMA={flag}")
+                raise SystemExit(f"{flag}: the two paths disagree")
+        for value in settings:
+            setattr(fa, flag, value)
+            attention_layers([(1, 1024), (1, 2048), (1, 4096), (4, 2048)], f"{flag}={value}")
+        for value in dict.fromkeys(settings):
+            setattr(fa, flag, value)
+            end_to_end([1024, 2048, 8192], [1], label=f"{flag}={value}")
     finally:
-        fa.SATURATED_TMA = original
+        setattr(fa, flag, original)
 
 
 def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
@@ -409,6 +409,8 @@ def main():
                         help="only the A/B of fa.MASKED_LOOP_STAGES (1 against 2, alternating), then stop")
     parser.add_argument("--saturated-tma", action="store_true",
                         help="only the A/B of fa.SATURATED_TMA (False against True, alternating), then stop")
+    parser.add_argument("--overlap-near-tail", action="store_true",
+                        help="only the A/B of fa.OVERLAP_NEAR_TAIL (False against True, alternating), then stop")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -451,7 +453,10 @@ def main():
         masked_stages([1, 2, 1, 2])
         return
     if args.saturated_tma:
-        saturated_tma([False, True, False, True])
+        flag_ab("SATURATED_TMA", [False, True, False, True])
+        return
+    if args.overlap_near_tail:
+        flag_ab("OVERLAP_NEAR_TAIL", [False, True, False, True])
         return
     if args.attention_layers:
         attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")

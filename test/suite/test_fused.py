@@ -250,6 +250,22 @@ def test_gluon_kernels_match_triton_band(name, extra, dtype, kernel):
     assert dtype != torch.float16 or gluon < 1e-2
 
 
+@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
+@pytest.mark.parametrize("name", ["v3", "c2p_only", "p2c_only"])
+def test_near_tail_overlap_matches_triton_band(monkeypatch, name):
+    """fa.OVERLAP_NEAR_TAIL: the attention kernel as a programmatic dependent of the near kernel (saturated runs
+    first, with C2P vectors of its own, then the near states once the near kernel is done), fp16 on a padded batch
+    with far tiles, against the Triton band as in test_gluon_kernels_match_triton_band."""
+    monkeypatch.setattr(fa, "OVERLAP_NEAR_TAIL", True)
+    taken = []
+    monkeypatch.setattr(fa, "_overlaps", lambda *a, real=fa._overlaps: taken.append(real(*a)) or taken[-1])
+    kw = dict(batch=3, seq=300, dtype=torch.float16, hidden_size=128)
+    overlapped, _ = _attention_case(name, band_kernel="near", **kw)
+    assert any(taken), "the dependent launch was not taken"
+    triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
+    assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{name}: {overlapped:.3e} vs {triton_band:.3e}"
+
+
 @pytest.mark.parametrize("seq", [1, 64, 300, 512, 513, 700, 2048])
 @pytest.mark.parametrize("rule", [fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16),
                                   fa.PositionRule(64, -1, 64)])
