@@ -650,13 +650,13 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 
 # Whether the attention kernel after the near kernel starts while the near kernel's last programs still run
 # (programmatic dependent launch: the near kernel lets it launch once all its programs have started; its programs
-# run their saturated tiles, then wait for the near states). An experiment (NOTES.md, v36) until measured: at 1 x
-# 2048 on an H100 the near kernel's SMs start running out of programs at 26 of its 34 us (v34), and the kernel
-# after it (21 us) needs none of its results until its last step. Only for grids of at most 2 programs a
-# multiprocessor: with the near states merged last, ptxas serialises the runs' tensor-core products unless the
-# masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189 registers (3 programs a
-# multiprocessor to 2; compiled for sm_90, demo config).
-OVERLAP_NEAR_TAIL = False
+# run their saturated tiles, then wait for the near states). At 1 x 2048 on an H100 the near kernel's SMs start
+# running out of programs at 26 of its 34 us (v34), and the kernel after it (21 us) needs none of its results until
+# its last step: one layer 55.5-56.1 -> 50.4-50.6 us, a forward 1.168 -> 1.106 ms (NOTES.md, v36). Only for grids of
+# at most 2 programs a multiprocessor: with the near states merged last, ptxas serialises the runs' tensor-core
+# products unless the masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189
+# registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
+OVERLAP_NEAR_TAIL = True
 
 
 def _overlaps(device: torch.device, programs: int) -> bool:
@@ -889,7 +889,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
-            p2c_pos, p2c_pos.stride(0), p2c_pos.stride(1), p2c_pos.shape[1] - 1,
+            p2c_pos, p2c_pos.stride(0), p2c_pos.stride(1), 0 if positions is None else positions.pos.shape[2] - 1,
             band, band.stride(0), slots, *state,
             mask, mask.stride(0), ranges,
             out, out.stride(0), out.stride(1),

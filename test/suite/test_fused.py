@@ -450,6 +450,21 @@ def test_pipelined_masked_loops_stop_wgmma_serialisation():
     assert serialised == {"1": "True", "2": "False"}, serialised
 
 
+@pytest.mark.parametrize("seq,overlap", [("2048", True), ("4096", False)])
+def test_near_tail_overlap_compiles_unserialised(tmp_path, seq, overlap):
+    """fused_attention.OVERLAP_NEAR_TAIL (the default) compiled for sm_90 on an H100's 132 SMs: at 1 x 2048 (192
+    programs after the near kernel) both kernels take their griddepcontrol instruction (launch_dependents in the near
+    kernel, wait in the one after it) and the products stay pipelined; at 4096 (384 programs) neither, and the
+    kernel after the near kernel is the one without overlap."""
+    rows = _compiled_for_hopper("--band", "near", "--seq-len", seq, "--dump", str(tmp_path))
+    assert all(row[-2].strip() != "True" for row in rows.values())
+    assert ("griddepcontrol.launch_dependents" in (tmp_path / "_near_attention_kernel.ptx").read_text()) == overlap
+    assert ("griddepcontrol.wait" in (tmp_path / "_attention_kernel.ptx").read_text()) == overlap
+    off = _compiled_for_hopper("--band", "near", "--seq-len", seq, "--no-overlap-near-tail")
+    assert off["_attention_kernel"][4].strip() == "148"
+    assert (rows["_attention_kernel"][4].strip() != "148") == overlap
+
+
 def test_recording_kernels_compile_for_hopper(tmp_path):
     """The near kernel and the attention kernel after it, with each program recording its times
     (program_times.RECORDING, scripts/gpu_program_times.py), compile for sm_90 with their products still pipelined,
