@@ -630,7 +630,7 @@ def _masked_stages(near_state_first: bool, device: torch.device) -> int:
 
 
 # Whether the attention kernel's unmasked saturated key blocks read K and V through a tensor descriptor (TMA on
-# Hopper) instead of pointer loads; an experiment (NOTES.md, v35) until measured.
+# Hopper) instead of pointer loads; off: no gain on an H100 (NOTES.md, v35).
 SATURATED_TMA = False
 
 
