@@ -857,8 +857,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
         band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
-        overlap = (positions is not None and kind == "near"
-                   and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g))
+        near_state = positions is not None and kind == "near"
+        overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -879,7 +879,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                 slots = band.shape[2] // tiles.block_n
             c2p, p2c = positions.c2p_term, positions.p2c_term
             sat_hi, sat_lo = sat
-        near_state = positions is not None and kind == "near"
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only

@@ -205,8 +205,8 @@ def flag_ab(flag, settings):
     """A/B of a switch of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL), alternating: first the layer's output
     both ways on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000
     with 1000 and 700 and a hole; the two ways differ only in how the same products are scheduled or summed, so they
-    must agree to fp16 rounding); then one attention layer
-    at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the whole model at 1 x 1024, 2048, 8192, per setting."""
+    must agree to fp16 rounding); then one attention layer at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the
+    whole model at 1 x 1024, 2048, 8192, per setting."""
     original = getattr(fa, flag)
     try:
         for batch, seq, lengths, hole in ((1, 2048, (1500,), None), (2, 1000, (1000, 700), (1, 300, 420))):
