@@ -448,20 +448,18 @@ def _attend_run(
 
 
 @triton.jit
-def _merge_states(acc, m_i, l_i, ACC, ML, first, count, ROWS, r, dd, BLOCK_D: tl.constexpr):
-    """Softmax states first .. first+count-1 of rows r (ACC [states, ROWS, BLOCK_D], ML [states, 2, ROWS]: running
-    max in log2 units, running sum) merged into (acc, m_i, l_i), in that order. The loads bypass L1 (`.cg`): the
-    split parts' states come from other programs of the same launch."""
-    for k in range(count):
-        state = (first + k) * ROWS
-        m_k = tl.load(ML + 2 * state + r, cache_modifier=".cg")
+def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D: tl.constexpr):
+    """The near kernel's SPLITS softmax states of rows i merged into (acc, m_i, l_i) (in either order: merging is
+    commutative)."""
+    for part in range(SPLITS):
+        state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+        m_k = tl.load(ML + 2 * state + i)
         m_new = tl.maximum(m_i, m_k)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
         beta = tl.math.exp2(m_k - m_safe)
-        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + r, cache_modifier=".cg") * beta
-        acc = (acc * alpha[:, None]
-               + tl.load(ACC + (state + r)[:, None] * BLOCK_D + dd[None, :], cache_modifier=".cg") * beta[:, None])
+        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+        acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
         m_i = m_new
     return acc, m_i, l_i
 
@@ -474,11 +472,10 @@ def _attention_kernel(
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES, KV_DESC, C2P_POS, stride_c2p_h, stride_c2p_p,
-    PARTS, SLOTS, PART_ACC, PART_ML, PART_Q, COUNTERS,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
-    OVERLAP: tl.constexpr, SPLIT: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -486,23 +483,10 @@ def _attention_kernel(
     blocks). RECORD: each program's times into TIMES (`program_times`). OVERLAP (with NEAR_STATE, launched as a
     programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
     vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
-    OVERLAP_NEAR_TAIL). SPLIT (grid (B * G, rows of PARTS), see `part_table`): each program takes the saturated
-    blocks [lo, hi) of its query block's list (top run first, then the run at index 0; the first part also its near
-    blocks); a query block in several parts has each part leave its softmax state in slot first_slot + part of
-    PART_ACC / PART_ML and count itself in COUNTERS, and the last to arrive merges them in part order, writes the rows
-    and sets the counter back to 0 (see SATURATED_PART_TILES)."""
+    OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
-    if SPLIT:
-        pid_bg = tl.program_id(0)
-        part_row = PARTS + tl.program_id(1) * PART_FIELDS
-        pid_m = tl.load(part_row)
-        lo = tl.load(part_row + 1)
-        hi = tl.load(part_row + 2)
-        parts = tl.load(part_row + 3)
-        first_slot = tl.load(part_row + 4)
-        part = tl.load(part_row + 5)
-    elif NEAR_STATE:
+    if NEAR_STATE:
         # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
         # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
         # ms a forward with the near kernel's order, results/fused-attention-h100/NOTES.md, v23).
@@ -568,73 +552,41 @@ def _attention_kernel(
     if NEAR_STATE and not OVERLAP:
         # The near states first: merged after the runs, ptxas serialises the runs' tensor-core products (its C7515
         # advisory, sm_90), as it did in the kernels without near states before v32
-        acc, m_i, l_i = _merge_states(acc, m_i, l_i, ACC, ML, pid_bg.to(tl.int64) * SPLITS, SPLITS, ROWS, i, dd,
-                                      BLOCK_D)
-    # The saturated runs, at the top index and at index 0: this part's share [lo, hi) of the list
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
+    # The saturated runs, at the top index and at index 0
     P2C_H = P2C_POS + h * stride_pos_h + dd
-    r = tl.arange(0, BLOCK_M)
     OUT_PTRS = OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :]
-    if SPLIT:
-        counter = COUNTERS + pid_bg * tl.cdiv(S, BLOCK_M) + pid_m
-        slot = pid_bg.to(tl.int64) * SLOTS + first_slot
-        n_top = hi_end - blk_first
-        top_start = blk_first + tl.minimum(lo, n_top)
-        top_end = blk_first + tl.minimum(hi, n_top)
-        lo_first = tl.minimum(lo_start + tl.maximum(lo - n_top, 0), blk_end)
-        lo_end = tl.minimum(lo_start + tl.maximum(hi - n_top, 0), blk_end)
-        near_end = tl.where(part == 0, lo_start, hi_end)
-        # the query's round trip through this part's own rows (the first part's: the output rows)
-        SCRATCH = tl.where(part == 0, OUT_PTRS, PART_Q + ((slot + part) * BLOCK_M + r)[:, None] * BLOCK_D + dd[None, :])
-    else:
-        top_start, top_end, lo_first, lo_end, near_end = blk_first, hi_end, lo_start, blk_end, lo_start
-        SCRATCH = OUT_PTRS
     acc, m_i, l_i = _attend_run(
-        acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, top_start, top_end, full_first, full_end, c2p_top,
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, blk_first, hi_end, full_first, full_end, c2p_top,
         P2C_H + TOP * stride_pos_p, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
     acc, m_i, l_i = _attend_run(
-        acc, m_i, l_i, Q_PTRS, SCRATCH, io_mask, lo_first, lo_end, full_first, full_end, c2p_zero,
+        acc, m_i, l_i, Q_PTRS, OUT_PTRS, io_mask, lo_start, blk_end, full_first, full_end, c2p_zero,
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
-    if not NEAR_STATE:  # the near key blocks from the band (the first part's)
-        for blk in range(hi_end, near_end):
+    if NEAR_STATE and OVERLAP:
+        gdc_wait()  # the near kernel has finished and its states are visible
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
+    if not NEAR_STATE:  # the near key blocks from the band
+        for blk in range(hi_end, lo_start):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, blk * BLOCK_N, m_i, BAND_ROW + blk * BLOCK_N,  # (row_vec: unused in near tiles)
                 QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
                 True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
-    last = True  # whether this program writes the rows
-    if SPLIT:
-        last = parts == 1
-        if parts > 1:  # this part's state, then count it in; the last part to arrive goes on
-            tl.store(PART_ACC + ((slot + part) * BLOCK_M + r)[:, None] * BLOCK_D + dd[None, :], acc)
-            tl.store(PART_ML + 2 * (slot + part) * BLOCK_M + r, m_i)
-            tl.store(PART_ML + (2 * (slot + part) + 1) * BLOCK_M + r, l_i)
-            tl.debug_barrier()  # every thread's stores before the release
-            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == parts - 1
-            if last:  # all parts' states in part order (the same sums whichever part arrives last)
-                tl.store(counter, 0)  # for the next launch
-                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_i = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-                acc, m_i, l_i = _merge_states(acc, m_i, l_i, PART_ACC, PART_ML, slot, parts, BLOCK_M, r, dd, BLOCK_D)
-    if last:
-        if NEAR_STATE and OVERLAP:
-            gdc_wait()  # the near kernel has finished and its states are visible
-            acc, m_i, l_i = _merge_states(acc, m_i, l_i, ACC, ML, pid_bg.to(tl.int64) * SPLITS, SPLITS, ROWS, i, dd,
-                                          BLOCK_D)
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_sum = tl.zeros([BLOCK_D], tl.float32)
-            for n in range(0, tl.cdiv(S, BLOCK_N)):
-                jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
-                v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None],
-                            other=0.0)
-                v_sum += tl.sum(v.to(tl.float32), 0)
-            out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-        tl.store(OUT_PTRS, out.to(OUT.dtype.element_ty), mask=io_mask)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
     if RECORD:
         program_times.record(TIMES, started, pid_m, pid_bg)
 
@@ -712,60 +664,6 @@ def _overlaps(device: torch.device, programs: int) -> bool:
     up), for an attention kernel grid of `programs` that fits in 2 a multiprocessor."""
     return (OVERLAP_NEAR_TAIL and not INTERPRET and _has_tma(device)
             and programs <= 2 * near_attention._multiprocessors(device))
-
-
-# The most saturated key blocks one program of the kernel after the near kernel takes when it overlaps the near
-# kernel's tail (OVERLAP_NEAR_TAIL); a query block with more is split into parts (`part_table`), whose states the
-# last part to finish merges. None: never split. At 1 x 2048 (demo config) the edge query blocks have 23 saturated
-# blocks and the middle ones 15, and the layer ends with the edge blocks' programs (v36).
-SATURATED_PART_TILES = None
-PART_FIELDS: tl.constexpr = tl.constexpr(6)  # a part_table row: query block, lo, hi, parts, first slot, part
-
-
-def _part_tiles(near_state: bool, overlap: bool) -> int | None:
-    """SATURATED_PART_TILES where the kernel after the near kernel overlaps its tail, else None (tests force other
-    paths): the split parts merge the near states only as the last step, which the kernels that start from them
-    (near states without the overlap) do not."""
-    return SATURATED_PART_TILES if overlap else None
-
-
-@lru_cache(maxsize=None)
-def _part_rows(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int, cap: int,
-               ) -> tuple[tuple[int, ...], ...]:
-    """part_table's rows: every query block's first part in the near-state kernel's order (from both ends inwards),
-    then the further parts of the blocks with more than `cap` saturated blocks (counted without padding; with
-    padding there are fewer, and a block's last part takes whatever is left)."""
-    blocks = triton.cdiv(seq_len, block_m)
-    order = [p // 2 if p % 2 == 0 else blocks - 1 - p // 2 for p in range(blocks)]
-    key_blocks = triton.cdiv(seq_len, block_n)
-    firsts, rest, slots = [], [], 0
-    for m in order:
-        first, end = _near_range(saturation, seq_len, m * block_m, block_m, block_n)
-        parts = max(1, triton.cdiv(first + key_blocks - end, cap))
-        last = 1 << 30
-        firsts.append((m, 0, cap if parts > 1 else last, parts, slots, 0))
-        rest += [(m, k * cap, (k + 1) * cap if k < parts - 1 else last, parts, slots, k) for k in range(1, parts)]
-        slots += parts if parts > 1 else 0
-    return tuple(firsts + rest)
-
-
-@lru_cache(maxsize=None)
-def part_table(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int, cap: int,
-               device: torch.device) -> tuple[torch.Tensor, int]:
-    """(rows [programs, PART_FIELDS] int32, state slots per batch x head) of the attention kernel's SPLIT grid:
-    each row a program's query block, its share [lo, hi) of the block's saturated key blocks (top run first, then
-    the run at index 0), how many parts the block has, the block's first state slot and the program's part. Kept
-    for the process (a CUDA graph reads it on every replay)."""
-    rows = _part_rows(saturation, seq_len, block_m, block_n, cap)
-    slots = sum(r[3] for r in rows if r[5] == 0 and r[3] > 1)
-    return torch.tensor(rows, dtype=torch.int32, device=device), slots
-
-
-def part_counters(batch: int, seq_len: int, heads: int, device: torch.device) -> torch.Tensor:
-    """Zeroed arrival counters for `attention(..., counters=)`, one per query block and head for any tile size.
-    The kernel sets each back to 0 once its block is done, so one buffer serves the layers of a forward one after
-    another (not two launches at the same time: each caller, a model forward, keeps its own)."""
-    return torch.zeros(batch * heads * triton.cdiv(seq_len, 16), dtype=torch.int32, device=device)
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -932,14 +830,12 @@ def band_kernel_for(qkv: torch.Tensor, heads: int, head_dim: int, tiles: Tiles, 
 def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, positions: Positions | None,
               factor: float, out: torch.Tensor | None = None, tiles: Tiles | None = None,
               saturation: tuple[int, int] | None = None, table_budget: int | None = None,
-              ranges: torch.Tensor | None = None, band_kernel: str | None = None,
-              counters: torch.Tensor | None = None) -> torch.Tensor:
+              ranges: torch.Tensor | None = None, band_kernel: str | None = None) -> torch.Tensor:
     """Context [B, S, H*D] of one DeBERTa attention layer: position terms, then attention, per group of heads.
 
     qkv: [B, S, 3*H*D]; mask: [B, S] int32 (non-zero = token); positions: None without relative attention;
     factor: 1/sqrt(D * scale_factor); ranges: `valid_ranges(mask)`, computed here when not given (a model passes
-    one per forward to every layer); band_kernel: see `band_kernel_for`; counters: `part_counters(...)` for the
-    split query blocks (SATURATED_PART_TILES), made here when needed and not given (a model passes one per forward). `saturation` overrides the rule's
+    one per forward to every layer); band_kernel: see `band_kernel_for`. `saturation` overrides the rule's
     (hi, lo) bounds for the choice of tile kind: for timing experiments only, results are then wrong."""
     batch, seq, width = qkv.shape
     if width != 3 * heads * head_dim or qkv.stride(2) != 1:
@@ -987,26 +883,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
-        cap = None if positions is None else _part_tiles(near_state, overlap)
-        parts, part_slots, part_acc, part_ml, part_q = qkv, 0, qkv, qkv, qkv  # placeholders without split
-        if cap is not None and not (near_state and not overlap):
-            parts, part_slots = part_table(sat, seq, tiles.block_m, tiles.block_n, cap, qkv.device)
-        split = part_slots > 0  # some query block has more than cap saturated blocks
-        if split:
-            grid = (parts.shape[0], batch * g)
-            block_d = triton.next_power_of_2(head_dim)
-            shape = (batch * g, part_slots, tiles.block_m)
-            part_acc = torch.empty((*shape, block_d), device=qkv.device, dtype=torch.float32)
-            part_ml = torch.empty((batch * g, part_slots, 2, tiles.block_m), device=qkv.device, dtype=torch.float32)
-            part_q = torch.empty((*shape, block_d), device=qkv.device, dtype=qkv.dtype)
-            if counters is None:
-                counters = part_counters(batch, seq, g, qkv.device)
-            elif counters.numel() < batch * g * triton.cdiv(seq, tiles.block_m):
-                raise ValueError(f"counters has {counters.numel()} elements; part_counters({batch}, {seq}, "
-                                 f"{heads}) makes enough")
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
-        _attention_kernel[grid[::-1] if near_state or split else grid](
+        _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,
             p2c_pos, p2c_pos.stride(0), p2c_pos.stride(1), 0 if positions is None else positions.pos.shape[2] - 1,
@@ -1015,12 +894,11 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             out, out.stride(0), out.stride(1),
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E, qkv if times is None else times,
             qkv if kv_desc is None else kv_desc, c2p_pos, c2p_pos.stride(0), c2p_pos.stride(1),
-            parts, part_slots, part_acc, part_ml, part_q, qkv if counters is None else counters,
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
-            TMA=kv_desc is not None, OVERLAP=overlap, SPLIT=split, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             launch_pdl=overlap)
     return out
 

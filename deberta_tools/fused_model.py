@@ -114,11 +114,9 @@ class _Layer:
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x[0].view(x.shape[1], self.heads, self.head_dim).permute(1, 0, 2)
 
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor,
-                 counters: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
         qkv = torch.nn.functional.linear(x, self.w_qkv, self.b_qkv)
-        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges,
-                           counters=counters)
+        ctx = fa.attention(qkv, mask, self.heads, self.head_dim, self.positions, self.factor, ranges=ranges)
         h = add_layer_norm(self.out_dense(ctx), x, self.out_norm)
         up = self.inter_dense
         if GELU_EPILOGUE and self.gelu_epilogue and gemm.usable(h, up.weight):
@@ -169,10 +167,8 @@ class FusedEncoder(nn.Module):
         with torch.no_grad():
             self._prepare(hidden_states.device, hidden_states.dtype)
             ranges = fa.valid_ranges(mask)  # each sequence's first and last token, shared by every layer
-            # the split query blocks' arrival counters (fa.SATURATED_PART_TILES), one zeroed buffer a forward
-            counters = fa.part_counters(*mask.shape, max(layer.heads for layer in self._layers), mask.device)
             for n, layer in enumerate(self._layers):
-                x = layer(x, mask, ranges, counters)
+                x = layer(x, mask, ranges)
                 if n == 0 and self.original.conv is not None:
                     x = self.original.conv(hidden_states, x, attention_mask)
                 if keep:

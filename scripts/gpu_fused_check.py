@@ -165,8 +165,7 @@ def attention_layers(shapes, label):
     for batch, seq in shapes:
         qkv, positions, mask = inputs.attention_layer(seq, batch)
         ranges = fa.valid_ranges(mask)
-        counters = fa.part_counters(batch, seq, 6, qkv.device)  # made once, as a model forward does for its layers
-        layer = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges, counters=counters))
+        layer = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges))
         q, k, v = qkv.view(batch, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         rows.append([label, f"{batch} x {seq}", f"{layer:.1f}", f"{sdpa:.1f}", f"{layer / sdpa:.2f}"])
@@ -202,13 +201,14 @@ def masked_stages(settings):
         fa.MASKED_LOOP_STAGES = original
 
 
-def flag_ab(flag, settings):
-    """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL, SATURATED_PART_TILES), alternating:
-    first the layer's output with each value against the first on padded batches small enough for
-    OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with 1000 and 700 and a hole; the values differ
-    only in how the same products are scheduled or summed, so they must agree to fp16 rounding); then one attention
-    layer at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the whole model at 1 x 1024, 2048, 8192, per value."""
-    original = getattr(fa, flag)
+def flag_ab(flag, settings, module=fa):
+    """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL) or of another module (near_attention's
+    PROGRAMS_PER_SM), alternating: first the layer's output with each value against the first on padded batches small
+    enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with 1000 and 700 and a hole; the
+    values differ only in how the same products are scheduled or summed, so they must agree to fp16 rounding); then
+    one attention layer at 1 x 1024 ... 4096 and 4 x 2048 against SDPA, and the whole model at 1 x 1024, 2048, 8192,
+    per value."""
+    original = getattr(module, flag)
     values = list(dict.fromkeys(settings))
     try:
         for batch, seq, lengths, hole in ((1, 2048, (1500,), None), (2, 1000, (1000, 700), (1, 300, 420))):
@@ -219,7 +219,7 @@ def flag_ab(flag, settings):
                 mask[hole[0], hole[1]:hole[2]] = 0
             outs = []
             for value in values:
-                setattr(fa, flag, value)
+                setattr(module, flag, value)
                 outs.append(fa.attention(qkv, mask, 6, 64, positions, 0.07).float())
             for value, out in zip(values[1:], outs[1:]):
                 err = compare.relative_l2(out.cpu().numpy(), outs[0].cpu().numpy())
@@ -228,13 +228,13 @@ def flag_ab(flag, settings):
                 if not err < 1e-3 or not torch.isfinite(out).all():
                     raise SystemExit(f"{flag}: {value} and {values[0]} disagree")
         for value in settings:
-            setattr(fa, flag, value)
+            setattr(module, flag, value)
             attention_layers([(1, 1024), (1, 2048), (1, 4096), (4, 2048)], f"{flag}={value}")
         for value in values:
-            setattr(fa, flag, value)
+            setattr(module, flag, value)
             end_to_end([1024, 2048, 8192], [1], label=f"{flag}={value}")
     finally:
-        setattr(fa, flag, original)
+        setattr(module, flag, original)
 
 
 def end_to_end(seqs, batch_list, tiles=None, label="default tiles", budget=None):
@@ -415,8 +415,8 @@ def main():
                         help="only the A/B of fa.SATURATED_TMA (False against True, alternating), then stop")
     parser.add_argument("--overlap-near-tail", action="store_true",
                         help="only the A/B of fa.OVERLAP_NEAR_TAIL (False against True, alternating), then stop")
-    parser.add_argument("--part-tiles", type=lambda v: None if v == "None" else int(v), nargs="+", metavar="N",
-                        help="A/B of fa.SATURATED_PART_TILES over these values (None: no split), alternating")
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
+                        help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -464,8 +464,8 @@ def main():
     if args.overlap_near_tail:
         flag_ab("OVERLAP_NEAR_TAIL", [False, True, False, True])
         return
-    if args.part_tiles:
-        flag_ab("SATURATED_PART_TILES", args.part_tiles)
+    if args.programs_per_sm:
+        flag_ab("PROGRAMS_PER_SM", args.programs_per_sm, near_attention)
         return
     if args.attention_layers:
         attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")

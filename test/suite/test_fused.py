@@ -221,53 +221,6 @@ def test_saturated_blocks_through_tensor_descriptors_match_float64(monkeypatch, 
     assert err < 1e-5, f"{name}: relative L2 {err:.2e}"
 
 
-@pytest.mark.parametrize("name,cap,reverse", [("v3", 1, False), ("v3", 2, True), ("c2p_only", 1, True),
-                                              ("p2c_only", 2, False)])
-def test_split_query_blocks_match_float64(monkeypatch, name, cap, reverse):
-    """fa.SATURATED_PART_TILES: query blocks with more than `cap` saturated key blocks split into parts whose
-    states the last part to arrive merges (forced here on the Triton band's path, which the interpreter runs; on
-    Hopper the split is taken with the near kernel's overlap). Padding on both sides and a hole, so parts run short
-    or empty; `reverse` puts the parts of each block in the opposite order, so the first part arrives last."""
-    monkeypatch.setattr(fa, "_part_tiles", lambda near_state, overlap: cap)
-    real_rows = fa._part_rows.__wrapped__
-    monkeypatch.setattr(fa, "_part_rows", lambda *a: tuple(reversed(real_rows(*a))) if reverse else real_rows(*a))
-    real_table = fa.part_table
-    real_table.cache_clear()  # (its cached tables come from the rows in the order they had)
-    tables = []
-    monkeypatch.setattr(fa, "part_table", lambda *a: tables.append(real_table(*a)) or tables[-1])
-    try:
-        err, _ = _attention_case(name, batch=4, seq=75, spans=[(21, 75), (5, 67), (0, 75), (0, 75)],
-                                 hole=(2, 30, 37), band_kernel="triton", **SMALL_SPAN)
-    finally:
-        real_table.cache_clear()
-    assert tables and all(slots > 0 for _, slots in tables), "no query block was split"
-    assert err < 1e-5, f"{name}, parts of {cap}: relative L2 {err:.2e}"
-
-
-def test_part_rows_cover_every_saturated_block():
-    """Every query block's saturated key blocks (counted from the rule, no padding) are covered once by its parts,
-    none longer than the cap, the first parts first, each block's slots its own."""
-    rule = fa.PositionRule(256, 256, 512)
-    for seq, cap in ((2048, 15), (2048, 8), (4096, 15), (1000, 4)):
-        rows = fa._part_rows(rule.saturation, seq, 64, 64, cap)
-        blocks = -(-seq // 64)
-        assert [r[0] for r in rows[:blocks]] == [r[0] for r in rows[:blocks] if r[5] == 0] and \
-            sorted(r[0] for r in rows[:blocks]) == list(range(blocks))
-        slots = set()
-        for m in range(blocks):
-            first, end = fa._near_range(rule.saturation, seq, m * 64, 64, 64)
-            count = first + -(-seq // 64) - end
-            mine = sorted((r for r in rows if r[0] == m), key=lambda r: r[5])
-            assert [r[5] for r in mine] == list(range(len(mine))) == list(range(mine[0][3]))
-            covered = [min(r[2], count) - r[1] for r in mine]
-            assert sum(covered) == count or (count == 0 and len(mine) == 1)
-            assert all(c <= cap for c in covered) and all(a[2] == b[1] for a, b in zip(mine, mine[1:]))
-            if len(mine) > 1:
-                own = {mine[0][4] + r[5] for r in mine}
-                assert not own & slots
-                slots |= own
-
-
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
@@ -298,22 +251,17 @@ def test_gluon_kernels_match_triton_band(name, extra, dtype, kernel):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-@pytest.mark.parametrize("cap", [None, 1])
 @pytest.mark.parametrize("name", ["v3", "c2p_only", "p2c_only"])
-def test_near_tail_overlap_matches_triton_band(monkeypatch, name, cap):
+def test_near_tail_overlap_matches_triton_band(monkeypatch, name):
     """fa.OVERLAP_NEAR_TAIL: the attention kernel as a programmatic dependent of the near kernel (saturated runs
     first, with C2P vectors of its own, then the near states once the near kernel is done), fp16 on a padded batch
-    with far tiles, against the Triton band as in test_gluon_kernels_match_triton_band; with `cap`
-    (fa.SATURATED_PART_TILES) every query block with more than one saturated key block split into parts."""
+    with far tiles, against the Triton band as in test_gluon_kernels_match_triton_band."""
     monkeypatch.setattr(fa, "OVERLAP_NEAR_TAIL", True)
-    monkeypatch.setattr(fa, "SATURATED_PART_TILES", cap)
-    taken, split = [], []
+    taken = []
     monkeypatch.setattr(fa, "_overlaps", lambda *a, real=fa._overlaps: taken.append(real(*a)) or taken[-1])
-    monkeypatch.setattr(fa, "part_table", lambda *a, real=fa.part_table: split.append(real(*a)[1]) or real(*a))
     kw = dict(batch=3, seq=300, dtype=torch.float16, hidden_size=128)
     overlapped, _ = _attention_case(name, band_kernel="near", **kw)
     assert any(taken), "the dependent launch was not taken"
-    assert (cap is None) == (not any(split)), f"split into parts: {split}"
     triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
     assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{name}: {overlapped:.3e} vs {triton_band:.3e}"
 
