@@ -291,14 +291,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Programs per multiprocessor the near kernel aims for when a launch has few query blocks (see splits_for).
+# Programs per multiprocessor the near kernel aims for when a launch has few query blocks (see splits_for), and
+# when the kernel after it overlaps its tail (fused_attention.OVERLAP_NEAR_TAIL: fewer, longer near programs leave
+# multiprocessors to the kernel after it sooner; results/fused-attention-h100/NOTES.md, v38).
 PROGRAMS_PER_SM = 4
+OVERLAP_PROGRAMS_PER_SM = 4
 
 
-def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int) -> int:
+def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int, overlapped: bool = False) -> int:
     """How many programs share one query block's near key blocks: enough for PROGRAMS_PER_SM programs per
-    multiprocessor when `query_blocks` x `programs` (batch x heads) alone are fewer, at most one per near block."""
-    want = PROGRAMS_PER_SM * _multiprocessors(device)
+    multiprocessor (OVERLAP_PROGRAMS_PER_SM when the kernel after this one overlaps it) when `query_blocks` x
+    `programs` (batch x heads) alone are fewer, at most one per near block."""
+    want = (OVERLAP_PROGRAMS_PER_SM if overlapped else PROGRAMS_PER_SM) * _multiprocessors(device)
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
@@ -314,7 +318,7 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
-                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK))
+                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK), dependents)
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
