@@ -724,18 +724,6 @@ def _near_range(saturation: tuple[int, int], seq_len: int, i0: int, block_m: int
 
 
 @lru_cache(maxsize=None)
-def saturated_per_near(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> float:
-    """Saturated key blocks per near one over all query blocks of a sequence with no padding."""
-    near = saturated = 0
-    blocks = triton.cdiv(seq_len, block_n)
-    for i0 in range(0, seq_len, block_m):
-        first, end = _near_range(saturation, seq_len, i0, block_m, block_n)
-        near += end - first
-        saturated += blocks - (end - first)
-    return saturated / max(near, 1)
-
-
-@lru_cache(maxsize=None)
 def all_near(saturation: tuple[int, int], seq_len: int, block_m: int, block_n: int) -> bool:
     """Whether every key block of every row block is near the diagonal (no saturated tile anywhere)."""
     return all(_near_range(saturation, seq_len, i0, block_m, block_n) == (0, triton.cdiv(seq_len, block_n))

@@ -299,19 +299,12 @@ def _multiprocessors(device: torch.device) -> int:
 # 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, and slower at 1536 and 2 x 1024.)
 PROGRAMS_PER_SM = 4
 OVERLAP_PROGRAMS_PER_SM = 2
-# With the overlap, one program a query block once the kernel after this one has at least this many saturated key
-# blocks per near one (counted without padding; demo config: 0.28 at 1024, 0.71 at 1536, 1.17 at 2048).
-OVERLAP_ONE_PART_FROM = float("inf")
 
 
-def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int, overlapped: bool = False,
-               saturated_per_near: float = 0.0) -> int:
+def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int, overlapped: bool = False) -> int:
     """How many programs share one query block's near key blocks: enough for PROGRAMS_PER_SM programs per
     multiprocessor (OVERLAP_PROGRAMS_PER_SM when the kernel after this one overlaps it) when `query_blocks` x
-    `programs` (batch x heads) alone are fewer, at most one per near block; with the overlap, one from
-    OVERLAP_ONE_PART_FROM saturated key blocks per near one."""
-    if overlapped and saturated_per_near >= OVERLAP_ONE_PART_FROM:
-        return 1
+    `programs` (batch x heads) alone are fewer, at most one per near block."""
     want = (OVERLAP_PROGRAMS_PER_SM if overlapped else PROGRAMS_PER_SM) * _multiprocessors(device)
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
@@ -328,8 +321,7 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
-                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK), dependents,
-                            fa.saturated_per_near(saturation, seq, wb.BLOCK, wb.BLOCK))
+                            fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK), dependents)
     acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)

@@ -203,11 +203,11 @@ def masked_stages(settings):
 
 def flag_ab(flag, settings, module=fa):
     """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL) or of another module (near_attention's
-    PROGRAMS_PER_SM, OVERLAP_PROGRAMS_PER_SM, OVERLAP_ONE_PART_FROM), alternating: first the layer's output with each
-    value against the first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500
-    tokens, 2 x 1000 with 1000 and 700 and a hole; the values differ only in how the same products are scheduled or
-    summed, so they must agree to fp16 rounding); then one attention layer at 1 x 768 ... 4096, 2 x 1024 and
-    4 x 2048 against SDPA, and the whole model at 1 x 1024, 1536, 2048, 8192, per value."""
+    PROGRAMS_PER_SM, OVERLAP_PROGRAMS_PER_SM), alternating: first the layer's output with each value against the
+    first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with
+    1000 and 700 and a hole; the values differ only in how the same products are scheduled or summed, so they must
+    agree to fp16 rounding); then one attention layer at 1 x 768 ... 4096, 2 x 1024 and 4 x 2048 against SDPA, and
+    the whole model at 1 x 1024, 1536, 2048, 8192, per value."""
     original = getattr(module, flag)
     values = list(dict.fromkeys(settings))
     try:
@@ -229,7 +229,7 @@ def flag_ab(flag, settings, module=fa):
                     raise SystemExit(f"{flag}: {value} and {values[0]} disagree")
         for value in settings:
             setattr(module, flag, value)
-            attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (1, 2560), (2, 1024), (1, 4096), (4, 2048)],
+            attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (4, 2048)],
                              f"{flag}={value}")
         for value in values:
             setattr(module, flag, value)
@@ -420,8 +420,6 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
-    parser.add_argument("--overlap-one-part-from", type=float, nargs="+", metavar="X",
-                        help="A/B of near_attention.OVERLAP_ONE_PART_FROM over these values (inf: never), alternating")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -474,9 +472,6 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
-        return
-    if args.overlap_one_part_from:
-        flag_ab("OVERLAP_ONE_PART_FROM", args.overlap_one_part_from, near_attention)
         return
     if args.attention_layers:
         attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")

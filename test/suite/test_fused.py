@@ -282,32 +282,15 @@ def test_all_near_means_no_saturated_tile(seq, rule):
     assert fa.all_near(rule.saturation, seq, block, block) == (not saturated)
 
 
-@pytest.mark.parametrize("seq", [300, 700, 2048])
-def test_saturated_per_near_counts_tiles(seq):
-    """`saturated_per_near` (which sets the near kernel's parts with the overlap) counts the 64 x 64 tiles whose
-    distances all saturate, at the top index or at 0, against the others, from the rule's own index function."""
-    rule, block = fa.PositionRule(64, 64, 128), 64
-    top, counts = 2 * rule.span - 1, [0, 0]
-    for i0 in range(0, seq, block):
-        for j0 in range(0, seq, block):
-            idx = rule.index(torch.arange(i0 - j0 - block + 1, i0 - j0 + block))
-            counts[bool((idx == top).all() or (idx == 0).all())] += 1
-    assert counts[1] > 0
-    assert fa.saturated_per_near(rule.saturation, seq, block, block) == pytest.approx(counts[1] / counts[0])
-
-
 def test_near_kernel_parts(monkeypatch):
     """splits_for on an H100's 132 multiprocessors: PROGRAMS_PER_SM programs a multiprocessor alone,
-    OVERLAP_PROGRAMS_PER_SM with the overlap, never more parts than near blocks, and one part with the overlap from
-    OVERLAP_ONE_PART_FROM saturated blocks per near one."""
+    OVERLAP_PROGRAMS_PER_SM with the overlap, never more parts than near blocks, at least one."""
     monkeypatch.setattr(near_attention, "_multiprocessors", lambda device: 132)
     monkeypatch.setattr(near_attention, "PROGRAMS_PER_SM", 4)
     monkeypatch.setattr(near_attention, "OVERLAP_PROGRAMS_PER_SM", 2)
-    monkeypatch.setattr(near_attention, "OVERLAP_ONE_PART_FROM", 1.0)
     parts = lambda *a: near_attention.splits_for(None, *a)  # noqa: E731
     assert parts(32, 6, 17) == 3 and parts(16, 6, 16) == 6 and parts(16, 6, 4) == 4 and parts(64, 32, 17) == 1
-    assert parts(32, 6, 17, True) == 2 and parts(16, 6, 16, True) == 3 and parts(24, 6, 17, True, 0.71) == 2
-    assert parts(32, 6, 17, True, 1.17) == 1 and parts(32, 6, 17, False, 1.17) == 3
+    assert parts(32, 6, 17, True) == 2 and parts(16, 6, 16, True) == 3 and parts(24, 6, 17, True) == 2
 
 
 @pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
