@@ -641,7 +641,7 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
     batch, seq, width = qkv.shape
     if not SATURATED_TMA or head_dim != triton.next_power_of_2(head_dim):
         return None
-    if not (INTERPRET or _has_tma(qkv.device)):
+    if not (INTERPRET or _sm90_or_newer(qkv.device)):
         return None
     if qkv.stride(0) != seq * width or (width * qkv.element_size()) % 16 or qkv.data_ptr() % 16:
         return None
@@ -662,12 +662,13 @@ OVERLAP_NEAR_TAIL = True
 def _overlaps(device: torch.device, programs: int) -> bool:
     """OVERLAP_NEAR_TAIL where it can run and pays: compiled on a GPU with programmatic dependent launch (9.0 and
     up), for an attention kernel grid of `programs` that fits in 2 a multiprocessor."""
-    return (OVERLAP_NEAR_TAIL and not INTERPRET and _has_tma(device)
+    return (OVERLAP_NEAR_TAIL and not INTERPRET and _sm90_or_newer(device)
             and programs <= 2 * near_attention._multiprocessors(device))
 
 
-def _has_tma(device: torch.device) -> bool:
-    """Tensor memory accelerator: compute capability 9.0 and up."""
+def _sm90_or_newer(device: torch.device) -> bool:
+    """Compute capability 9.0 and up: the tensor memory accelerator (TMA descriptors) and programmatic dependent
+    launch (griddepcontrol), both of which the attention kernel can use."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 

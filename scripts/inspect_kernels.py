@@ -87,7 +87,7 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
     window_band.supported = lambda *args: band in ("window", "near")
     near_attention._multiprocessors = lambda device: 132  # an H100 SXM's
-    fa._has_tma = lambda device: True
+    fa._sm90_or_newer = lambda device: True
     fa.index_table = lambda rule, device: (rule.index(torch.arange(rule.saturation[1], rule.saturation[0] + 1))
                                            .to(torch.int32), rule.saturation[1])
     rule = fa.PositionRule(256, 256, 512)
