@@ -296,7 +296,8 @@ def _multiprocessors(device: torch.device) -> int:
 # leave multiprocessors to the kernel after it sooner. On an H100, demo config, one layer with 2 against 4
 # (results/fused-attention-h100/NOTES.md, v38): 1 x 768 23.3-24.0 -> 19.4-19.6 us, 1024 26.5-27.1 -> 22.6, 1536
 # 37.8-37.9 -> 33.1-33.2, 2048 50.2-50.4 -> 50.0-50.1, 2 x 1024 35.5-35.6 -> 35.2-35.3; a forward at 1024 0.706 ->
-# 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, and slower at 1536 and 2 x 1024.)
+# 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, slower at 1536 and 2 x 1024, and taken only
+# at 2048 it left the forward where it was: v39.)
 PROGRAMS_PER_SM = 4
 OVERLAP_PROGRAMS_PER_SM = 2
 

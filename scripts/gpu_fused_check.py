@@ -403,7 +403,8 @@ def main():
     parser.add_argument("--compare-bands", action="store_true",
                         help="kernel variants (batch 1 and 32) and end to end with each band kernel, then stop")
     parser.add_argument("--near-sweep", action="store_true",
-                        help="end to end with the near attention for several splits of the near blocks, then stop")
+                        help="end to end with the near attention for several near_attention.PROGRAMS_PER_SM (the "
+                             "near kernel's parts where the kernel after it does not overlap it), then stop")
     parser.add_argument("--near-ablation", action="store_true",
                         help="the near kernel with its position terms switched off one at a time, then stop")
     parser.add_argument("--near-registers", action="store_true",
