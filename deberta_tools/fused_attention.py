@@ -537,7 +537,7 @@ def _attention_kernel(
     c2p_zero = tl.zeros([BLOCK_M], tl.float32)
     d_ok = dd < HEAD_DIM
     if HAS_C2P:
-        if OVERLAP:  # EDGES are the near kernel's, not written yet: position_tables' arithmetic here
+        if OVERLAP:  # the near kernel writes no EDGES then: position_tables' arithmetic here
             qf = tl.load(Q_PTRS, mask=io_mask, other=0.0).to(tl.float32)
             C2P_H = C2P_POS + h * stride_c2p_h + dd
             c2p_top = tl.sum(qf * tl.load(C2P_H + TOP * stride_c2p_p, mask=d_ok, other=0.0).to(tl.float32)[None, :], 1)

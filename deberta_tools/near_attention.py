@@ -88,8 +88,9 @@ if wb.gluon is not None:
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
-        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them.
-        FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's context, instead.
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
+        (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
+        context, instead.
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -142,8 +143,9 @@ if wb.gluon is not None:
 
         # The saturated tiles' C2P vectors of this block's queries, whenever the block holds a token between the
         # first and last valid ones (the Triton kernel reads them for every query block with a valid query; its
-        # P2C comes from the projections themselves). FINAL: there are no saturated tiles.
-        if (not FINAL) and HAS_C2P:
+        # P2C comes from the projections themselves). FINAL: there are no saturated tiles. DEPENDENTS: the kernel
+        # after this one overlaps it and makes its own (fused_attention.OVERLAP_NEAR_TAIL), so none are written.
+        if (not FINAL) and HAS_C2P and (not DEPENDENTS):
             if (part == 0) & (i0 <= last) & (i0 + BLOCK > first):
                 edge = EDGES + b * stride_edge_b + (h - H0) * stride_edge_h
                 wb._edges(edge + i, ROWS, q, c2p_rows, c2p_rows + (DIST_N - 1) * stride_pos_p, dd)
@@ -318,7 +320,8 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
     [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold.
     dependents: each program first lets a kernel launched after it as a programmatic dependent start
-    (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL)."""
+    (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL), and the edge vectors are not written
+    (that kernel computes its own: edges is then left uninitialised)."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
