@@ -4,8 +4,9 @@
 1. The kernel's log-bucket index against Hugging Face's make_log_bucket_position computed on this GPU and on the CPU.
 2. Whole models, fp16 and bf16 fused vs the fp32 Hugging Face model (TF32 off), padded batch, for the demo config
    and v3-xsmall/base/large-shaped random configs: relative L2 on the real tokens, NaN check.
-3. The attention kernel (real mix of tiles, all far, no position terms, tables alone) against PyTorch SDPA (flash)
-   on the same Q/K/V shapes, for one or several tile choices.
+3. The attention kernel (real mix of tiles, all far, no position terms, tables alone) against PyTorch SDPA on the
+   same Q/K/V shapes (the backend SDPA picks; `--attention-layers` also times each backend forced), for one or
+   several tile choices.
 4. The whole fused model in a CUDA graph (latency, sequences/s, peak memory), a per-kernel profile of one forward,
    and where the memory goes at 8192 tokens.
 
@@ -13,6 +14,7 @@
                                       [--band auto|near|window|triton] [--compare-bands] [--near-sweep]
                                       [--near-ablation] [--near-registers] [--launch-gaps]
                                       [--attention-layers] [--models-only] [--end-to-end] [--masked-stages]
+                                      [--model-shape seed|v3-xsmall|v3-small|v3-base|v3-large]
 """
 
 import argparse
@@ -154,22 +156,52 @@ def _tiles(t):
     return f"{t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
 
 
+# The model the end-to-end timings build (`--model-shape`): the demo config or a v3 checkpoint's shape.
+MODEL_SHAPE = "seed"
+
+
 def _model(seq_config=512):
-    return export.random_model(export.seed_config(seq_config)).cuda().half()
+    config = export.seed_config(seq_config) if MODEL_SHAPE == "seed" else export.shaped_config(MODEL_SHAPE)
+    return export.random_model(config).cuda().half()
 
 
-def attention_layers(shapes, label):
+def _sdpa_backends_us(q, k, v):
+    """Microseconds per call of PyTorch SDPA on q, k, v with each backend forced (FlashAttention-2, cuDNN, memory
+    efficient), None where the backend does not take these inputs on this GPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    times = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        try:
+            times[name] = _graph_us(run)
+        except RuntimeError as error:  # "No available kernel" for this backend
+            print(f"SDPA {name}: {str(error).splitlines()[0]}")
+            times[name] = None
+    return times
+
+
+def attention_layers(shapes, label, backends=False):
     """One attention layer of the demo config's shape (6 heads of 64, v3 position rule, no padding) in a CUDA graph
-    of 10 calls, median, against PyTorch SDPA (flash) on the same Q/K/V."""
+    of 10 calls, median, against PyTorch SDPA on the same Q/K/V with the backend it picks itself (cuDNN's on an H100
+    with torch 2.11), and with `backends` also each backend forced (`_sdpa_backends_us`)."""
     rows = []
+    names = ["flash", "cuDNN", "efficient"] if backends else []
     for batch, seq in shapes:
         qkv, positions, mask = inputs.attention_layer(seq, batch)
         ranges = fa.valid_ranges(mask)
         layer = _graph_us(lambda: fa.attention(qkv, mask, 6, 64, positions, 0.07, ranges=ranges))
         q, k, v = qkv.view(batch, seq, 3, 6, 64).permute(2, 0, 3, 1, 4).contiguous()
         sdpa = _graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        rows.append([label, f"{batch} x {seq}", f"{layer:.1f}", f"{sdpa:.1f}", f"{layer / sdpa:.2f}"])
-    print(report.table(["", "batch x seq", "attention layer us", "SDPA us", "layer / SDPA"], rows))
+        forced = _sdpa_backends_us(q, k, v) if backends else {}
+        cells = [f"{forced[n]:.1f}" if forced[n] else "n/a" for n in names]
+        ratios = [f"{layer / forced[n]:.2f}" if forced[n] else "n/a" for n in names]
+        rows.append([label, f"{batch} x {seq}", f"{layer:.1f}", f"{sdpa:.1f}", *cells, f"{layer / sdpa:.2f}", *ratios])
+    print(report.table(["", "batch x seq", "attention layer us", "SDPA us", *[f"SDPA {n} us" for n in names],
+                        "layer / SDPA", *[f"layer / {n}" for n in names]], rows))
 
 
 def masked_stages(settings):
@@ -410,7 +442,11 @@ def main():
     parser.add_argument("--near-registers", action="store_true",
                         help="the near kernel under register caps (more programs per multiprocessor), then stop")
     parser.add_argument("--attention-layers", action="store_true",
-                        help="only one attention layer against PyTorch SDPA at 1024 ... 8192 tokens")
+                        help="only one attention layer against PyTorch SDPA (its own pick and each backend forced) "
+                             "at 768 ... 8192 tokens")
+    parser.add_argument("--model-shape", choices=[s for s in export.SHAPES if s != "tiny"], default="seed",
+                        help="the model of the end-to-end timings (the A/B runs' and --end-to-end's): the demo "
+                             "config (seed) or a v3 checkpoint's shape with random weights")
     parser.add_argument("--masked-stages", action="store_true",
                         help="only the A/B of fa.MASKED_LOOP_STAGES (1 against 2, alternating), then stop")
     parser.add_argument("--saturated-tma", action="store_true",
@@ -430,6 +466,10 @@ def main():
                         help="kernel time against the span of a replayed forward, and the gaps between kernels")
     args = parser.parse_args()
     print("device:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
+    global MODEL_SHAPE
+    MODEL_SHAPE = args.model_shape
+    if MODEL_SHAPE != "seed":
+        print(f"end-to-end model: {MODEL_SHAPE}-shaped, random weights")
     fa.BAND_KERNEL = args.band
     if args.compare_bands:
         variant_timing([512, 2048, 8192], [fa.Tiles(64, 64, 4, 3)])
@@ -475,7 +515,8 @@ def main():
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
         return
     if args.attention_layers:
-        attention_layers([(1, 1024), (1, 2048), (1, 4096), (1, 8192)], "default")
+        attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",
+                         backends=True)
         return
     if args.models_only:
         index_check()
