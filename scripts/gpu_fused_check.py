@@ -161,8 +161,7 @@ MODEL_SHAPE = "seed"
 
 
 def _model(seq_config=512):
-    config = export.seed_config(seq_config) if MODEL_SHAPE == "seed" else export.shaped_config(MODEL_SHAPE)
-    return export.random_model(config).cuda().half()
+    return export.random_model(export.shaped_config(MODEL_SHAPE, seq_config)).cuda().half()
 
 
 def _sdpa_backends_us(q, k, v):
