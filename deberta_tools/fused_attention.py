@@ -486,6 +486,7 @@ def _attention_kernel(
     OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
+        waited = tl.zeros([], tl.int64)
     if NEAR_STATE:
         # Grid (B * G, query blocks), heads fastest and the query blocks from both ends inwards: the blocks with the
         # most saturated tiles start first, the short ones fill in behind them (2048 tokens on an H100: 1.33 -> 1.30
@@ -567,6 +568,8 @@ def _attention_kernel(
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
     if NEAR_STATE and OVERLAP:
+        if RECORD:
+            waited = program_times.timer()
         gdc_wait()  # the near kernel has finished and its states are visible
         acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
     if not NEAR_STATE:  # the near key blocks from the band
@@ -588,7 +591,7 @@ def _attention_kernel(
     tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
              out.to(OUT.dtype.element_ty), mask=io_mask)
     if RECORD:
-        program_times.record(TIMES, started, pid_m, pid_bg)
+        program_times.record(TIMES, started, pid_m, pid_bg, waited)
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ if wb.gluon is not None:
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
         if RECORD:
-            program_times.record(TIMES, started, m, pid_bg)
+            program_times.record(TIMES, started, m, pid_bg, 0)
 
 
 @lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 # None, or a list that collects (kernel name, times tensor) for each launch while set.
 RECORDING = None
-FIELDS = ("sm", "start_ns", "end_ns", "start_clock", "end_clock", "query_block", "bg")
+FIELDS = ("sm", "start_ns", "end_ns", "start_clock", "end_clock", "query_block", "bg", "wait_ns")
 _ROW = tl.constexpr(len(FIELDS))
 
 
@@ -32,15 +32,22 @@ def buffer(name: str, programs: int, device: torch.device) -> torch.Tensor | Non
 
 
 @triton.jit
+def timer():
+    """The GPU's global timer, ns."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def now():
     """(global timer in ns, this SM's clock)."""
-    return (tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1),
+    return (timer(),
             tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=tl.int64, is_pure=False, pack=1))
 
 
 @triton.jit
-def record(TIMES, started, query_block, bg):
-    """This program's row of TIMES (programs numbered along grid axis 0 first); `started` is `now()` at its start."""
+def record(TIMES, started, query_block, bg, wait_ns):
+    """This program's row of TIMES (programs numbered along grid axis 0 first); `started` is `now()` at its start,
+    `wait_ns` the global timer where it began to wait for the kernel before it (0: it has no such wait)."""
     end_ns, end_clock = now()
     sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
     row = TIMES + (tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)).to(tl.int64) * _ROW
@@ -51,6 +58,7 @@ def record(TIMES, started, query_block, bg):
     tl.store(row + 4, end_clock)
     tl.store(row + 5, query_block.to(tl.int64))
     tl.store(row + 6, bg.to(tl.int64))
+    tl.store(row + 7, wait_ns)
 
 
 def summary(times: np.ndarray, multiprocessors: int) -> dict:

@@ -6,7 +6,9 @@ every program of the near kernel and of the attention kernel after it recording 
 span, the most programs side by side on one SM, the mean and longest program, how busy the SMs were over the span,
 when the first SM ran out of work, how many programs ran at each tenth of the span, and the query blocks whose
 programs took longest; the gap between the two kernels. Beside it the layer's time without the recording (CUDA
-graph of 10 calls, median), since the recording adds a few instructions and registers to each program.
+graph of 10 calls, median), since the recording adds a few instructions and registers to each program; for a
+kernel launched as a programmatic dependent of the one before it, how long its programs waited for that kernel to
+end (from reaching `griddepcontrol.wait` to the last end recorded in the kernel before).
 
     python scripts/gpu_program_times.py [--seq-len 1024 2048 4096] [--batch-size 1] [--csv DIR] [--eager]
                                         [--overlap-programs-per-sm N] [--no-overlap]
@@ -87,22 +89,30 @@ def main():
         for n, (name, times) in enumerate(launches):
             s = program_times.summary(times, sms)
             gap = "" if n == 0 else f"{(times[:, 1].min() - launches[n - 1][1][:, 2].max()) / 1e3:.1f}"
+            waiting = ""
             if n:  # programs that ended within 1 us after the kernel before ended (waiting for it, or merely late)
-                ended = np.sum(times[:, 2] <= launches[n - 1][1][:, 2].max() + 1000)
+                before_end = launches[n - 1][1][:, 2].max()
+                ended = np.sum(times[:, 2] <= before_end + 1000)
                 gap += f" ({ended} ended by its end + 1 us)"
+                at_wait = times[:, 7] > 0
+                if at_wait.any():  # from reaching griddepcontrol.wait to the end of the kernel before
+                    held = np.maximum(before_end - times[at_wait, 7], 0) / 1e3
+                    waiting = (f"{np.sum(held > 0)} of {at_wait.sum()}: mean {held.mean():.1f}, max {held.max():.1f}, "
+                               f"{held.sum():.0f} program-us ({held.sum() / (2 * sms):.1f} us of 2 slots an SM)")
             rows.append([f"{args.batch_size} x {seq}", name, f"{s['span us']:.1f}", gap, str(s["programs"]),
                          str(s["most on one SM"]), str(s["SMs used"]), f"{s['program us mean']:.1f}",
                          f"{s['program us max']:.1f}", f"{s['SM busy %']:.0f}", f"{s['first SM idle at us']:.1f}",
-                         s["running at each tenth"], s["slowest query blocks"]])
+                         s["running at each tenth"], s["slowest query blocks"], waiting])
             if args.csv:
                 args.csv.mkdir(parents=True, exist_ok=True)
                 np.savetxt(args.csv / f"{args.batch_size}x{seq}-{n}-{name}.csv", times, fmt="%d", delimiter=",",
                            header=",".join(program_times.FIELDS), comments="")
         rows.append([f"{args.batch_size} x {seq}", "layer", f"{(last - first) / 1e3:.1f}", "", "", "", "", "", "",
-                     "", "", "", f"without recording, in a CUDA graph: {plain:.1f} us"])
+                     "", "", "", f"without recording, in a CUDA graph: {plain:.1f} us", ""])
     print(report.table(["batch x seq", "kernel", "span us", "gap before us", "programs", "most on one SM",
                         "SMs used", "program us mean", "program us max", "SM busy %", "first SM idle at us",
-                        "programs running at each tenth of the span", "slowest query blocks (longest program us)"],
+                        "programs running at each tenth of the span", "slowest query blocks (longest program us)",
+                        "waiting for the kernel before (programs, us)"],
                        rows))
 
 
