@@ -887,6 +887,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         g = min(group, heads - h0)
         band, slots, state = qkv, 1, (qkv, qkv, 1, 1, mask)  # placeholders for what this launch does not read
         near_state = positions is not None and kind == "near"
+        # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
+        # be: a zeroing launch between the two would stop the overlap.
+        times = program_times.buffer("attention", triton.cdiv(seq, tiles.block_m) * batch * g, qkv.device)
         overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
         merge = overlap and LAST_ARRIVER_MERGE
         if positions is None:  # every key block "saturated": only the key mask is added
@@ -917,7 +920,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
-        times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
             edges, edges.stride(0), edges.stride(1), rows,

@@ -56,6 +56,7 @@ def recorded_layer(seq, batch, heads=6, dim=64, eager=False):
                 graph.replay()
         torch.cuda.synchronize()
         launches = [(name, times.cpu().numpy()) for name, times in program_times.RECORDING]
+        launches.sort(key=lambda launch: launch[1][:, 1].min())  # in the order they ran (buffers are made earlier)
     finally:
         program_times.RECORDING = None
     return launches, plain
