@@ -448,19 +448,18 @@ def _attend_run(
 
 
 @triton.jit
-def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, PARTS, ROWS, i, dd, BLOCK_D: tl.constexpr):
-    """The near kernel's SPLITS softmax states of rows i (parts 0 .. SPLITS - 1 of PARTS) merged into (acc, m_i, l_i)
-    (in either order: merging is commutative; read from L2, other multiprocessors wrote them)."""
+def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D: tl.constexpr):
+    """The near kernel's SPLITS softmax states of rows i merged into (acc, m_i, l_i) (in either order: merging is
+    commutative)."""
     for part in range(SPLITS):
-        state = (pid_bg.to(tl.int64) * PARTS + part) * ROWS
-        m_k = tl.load(ML + 2 * state + i, cache_modifier=".cg")
+        state = (pid_bg.to(tl.int64) * SPLITS + part) * ROWS
+        m_k = tl.load(ML + 2 * state + i)
         m_new = tl.maximum(m_i, m_k)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
         beta = tl.math.exp2(m_k - m_safe)
-        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i, cache_modifier=".cg") * beta
-        acc = (acc * alpha[:, None]
-               + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :], cache_modifier=".cg") * beta[:, None])
+        l_i = l_i * alpha + tl.load(ML + 2 * state + ROWS + i) * beta
+        acc = acc * alpha[:, None] + tl.load(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :]) * beta[:, None]
         m_i = m_new
     return acc, m_i, l_i
 
@@ -469,14 +468,14 @@ def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, PARTS, ROWS, i, d
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS, P2C_POS, stride_pos_h, stride_pos_p, TOP,
-    BAND, stride_band_bg, NB, ACC, ML, SPLITS, PARTS, COUNT,
+    BAND, stride_band_bg, NB, ACC, ML, SPLITS,
     MASK, stride_mask_b, RANGES,
     OUT, stride_out_b, stride_out_s,
     S, H, H0, G, SAT_HI, SAT_LO, qk_scale, TIMES, KV_DESC, C2P_POS, stride_c2p_h, stride_c2p_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
-    OVERLAP: tl.constexpr, MERGE: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -484,10 +483,7 @@ def _attention_kernel(
     blocks). RECORD: each program's times into TIMES (`program_times`). OVERLAP (with NEAR_STATE, launched as a
     programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
     vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
-    OVERLAP_NEAR_TAIL); or, with MERGE (LAST_ARRIVER_MERGE), no wait: the saturated state goes to part SPLITS of
-    PARTS, the program counts itself on the query block's counter in COUNT, and only the last of the block's
-    programs in either kernel merges and writes the rows (this program when the near parts all came first). ACC /
-    ML: the near states, part p of query block rows i at (pid_bg * PARTS + p) * ROWS + i."""
+    OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
         waited = tl.zeros([], tl.int64)
@@ -557,7 +553,7 @@ def _attention_kernel(
     if NEAR_STATE and not OVERLAP:
         # The near states first: merged after the runs, ptxas serialises the runs' tensor-core products (its C7515
         # advisory, sm_90), as it did in the kernels without near states before v32
-        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, PARTS, ROWS, i, dd, BLOCK_D)
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
     # The saturated runs, at the top index and at index 0
     P2C_H = P2C_POS + h * stride_pos_h + dd
     OUT_PTRS = OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :]
@@ -571,24 +567,11 @@ def _attention_kernel(
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
-    if MERGE:
-        state = (pid_bg.to(tl.int64) * PARTS + SPLITS) * ROWS
-        tl.store(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(ML + 2 * state + i, m_i)
-        tl.store(ML + 2 * state + ROWS + i, l_i)
-        tl.debug_barrier()  # every thread's stores before the one atomic (release, GPU scope)
-        count = COUNT + pid_bg * tl.num_programs(1) + pid_m
-        last = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS
-        if last:  # the near parts all came first
-            tl.store(count, 0)
-            acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, PARTS, ROWS, i, dd, BLOCK_D)
-    else:
-        last = True
-        if NEAR_STATE and OVERLAP:
-            if RECORD:
-                waited = program_times.timer()
-            gdc_wait()  # the near kernel has finished and its states are visible
-            acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, PARTS, ROWS, i, dd, BLOCK_D)
+    if NEAR_STATE and OVERLAP:
+        if RECORD:
+            waited = program_times.timer()
+        gdc_wait()  # the near kernel has finished and its states are visible
+        acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
     if not NEAR_STATE:  # the near key blocks from the band
         for blk in range(hi_end, lo_start):
             acc, m_i, l_i = _attend_block(
@@ -596,19 +579,17 @@ def _attention_kernel(
                 QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
                 True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    if last:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_sum = tl.zeros([BLOCK_D], tl.float32)
-            for n in range(0, tl.cdiv(S, BLOCK_N)):
-                jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
-                v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None],
-                            other=0.0)
-                v_sum += tl.sum(v.to(tl.float32), 0)
-            out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-        tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
-                 out.to(OUT.dtype.element_ty), mask=io_mask)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
     if RECORD:
         program_times.record(TIMES, started, pid_m, pid_bg, waited)
 
@@ -679,12 +660,6 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 # products unless the masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189
 # registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
 OVERLAP_NEAR_TAIL = True
-
-# With OVERLAP_NEAR_TAIL: whether the kernel after the near kernel skips `griddepcontrol.wait` and each query block's
-# rows are written by whichever of its programs (near parts and saturated program) ends last, counted on a
-# per-block counter (`near_attention.near_state`'s merge_into), so that no program holds its multiprocessor slot
-# waiting for the whole near grid (NOTES.md item 0e).
-LAST_ARRIVER_MERGE = True
 
 
 def _overlaps(device: torch.device, programs: int) -> bool:
@@ -885,13 +860,12 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
                              tables=kind == "triton", band=kind != "near")
     for h0 in range(0, heads, group):
         g = min(group, heads - h0)
-        band, slots, state = qkv, 1, (qkv, qkv, 1, 1, mask)  # placeholders for what this launch does not read
+        band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
         near_state = positions is not None and kind == "near"
         # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
-        # be: a zeroing launch between the two would stop the overlap.
+        # be: a zeroing launch between the two stops the overlap (it did in every recording from v34 to v41's first).
         times = program_times.buffer("attention", triton.cdiv(seq, tiles.block_m) * batch * g, qkv.device)
         overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
-        merge = overlap and LAST_ARRIVER_MERGE
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -899,12 +873,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         else:
             rows = _table_rows(seq)
             if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
-                near = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows, sat,
-                                                 factor * _LOG2E, dependents=overlap,
-                                                 merge_into=out if merge else None)
-                edges = near.edges
-                state = (near.acc, near.ml, near.splits, near.acc.shape[1],
-                         mask if near.counters is None else near.counters)
+                acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
+                                                           sat, factor * _LOG2E, dependents=overlap)
+                state = (acc, ml, acc.shape[1])
             elif kind == "window":  # band and edge vectors in one launch, no tables
                 slots = near_slots(sat, seq, tiles.block_m, tiles.block_n)
                 band, edges = window_band.near_band(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
@@ -933,8 +904,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
-            TMA=kv_desc is not None, OVERLAP=overlap, MERGE=merge, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
+            TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             launch_pdl=overlap)
     return out
 

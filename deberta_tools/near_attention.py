@@ -34,7 +34,6 @@ compare the result with the Triton path.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
 
 import torch
 import triton
@@ -80,61 +79,18 @@ if wb.gluon is not None:
             _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
 
     @gluon.jit
-    def _write_context(acc, l_i, qvalid, r_o, d_o, qkv_b, rows, dd, stride_qkv_s, v_col, OUT, stride_out_s,
-                       S, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr, s_l: gl.constexpr, o_l: gl.constexpr,
-                       ld: gl.constexpr):
-        """OUT's rows r_o (this batch's, this head's columns): acc / l_i, as the Triton kernel ends."""
-        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
-        valid = gl.convert_layout(qvalid, gl.SliceLayout(1, o_l))
-        if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
-            for n in range(0, gl.cdiv(S, BLOCK)):
-                jj = n * BLOCK + rows
-                v = wb._load_tile(qkv_b, jj, stride_qkv_s, v_col, dd, S)
-                v_sum += gl.sum(v.to(gl.float32), 0)
-            v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
-            out = gl.where(valid[:, None], out, v_mean[None, :])
-        gl.store(OUT + r_o[:, None] * stride_out_s + d_o[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(r_o < S)[:, None])
-
-    @gluon.jit
-    def _merge_others(acc, m_i, l_i, ACC, ML, pid_bg, part, PARTS, ROWS, r_o, d_o, r_s, HEAD_DIM: gl.constexpr,
-                      o_l: gl.constexpr):
-        """(acc, m_i, l_i) merged with the softmax states of the query block's other PARTS - 1 parts in ACC / ML
-        (read from L2: other multiprocessors wrote them)."""
-        for k in range(PARTS - 1):
-            state = (pid_bg.to(gl.int64) * PARTS + k + (k >= part).to(gl.int32)) * ROWS
-            m_k = gl.load(ML + 2 * state + r_s, cache_modifier=".cg")
-            m_new = gl.maximum(m_i, m_k)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
-            beta = gl.exp2(m_k - m_safe)
-            l_i = l_i * alpha + gl.load(ML + 2 * state + ROWS + r_s, cache_modifier=".cg") * beta
-            acc_k = gl.load(ACC + (state + r_o)[:, None] * HEAD_DIM + d_o[None, :], cache_modifier=".cg")
-            acc = (acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-                   + acc_k * gl.convert_layout(beta, gl.SliceLayout(1, o_l))[:, None])
-            m_i = m_new
-        return acc, m_i, l_i
-
-    @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, PARTS, COUNT, TIMES,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, MERGE: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
-        context, instead. The states of a query block are parts 0 .. SPLITS - 1 of PARTS. MERGE (with DEPENDENTS,
-        `fused_attention.LAST_ARRIVER_MERGE`): part SPLITS is the saturated tiles' state, written by the kernel
-        after this one; each program then counts itself on the query block's counter in COUNT, and whichever of
-        the block's SPLITS + 1 programs arrives last merges all the states, writes OUT's rows and sets the counter
-        back to 0.
+        context, instead.
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -308,27 +264,26 @@ if wb.gluon is not None:
 
         r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-        out_b = OUT + b * stride_out_b + h * HEAD_DIM
         if FINAL:  # as the Triton kernel ends
-            _write_context(acc, l_i, qvalid, r_o, d_o, qkv_b, rows, dd, stride_qkv_s, v_col, out_b, stride_out_s,
-                           S, BLOCK, HEAD_DIM, s_l, o_l, ld)
+            out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
+            valid = gl.convert_layout(qvalid, gl.SliceLayout(1, o_l))
+            if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
+                # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+                v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
+                for n in range(0, gl.cdiv(S, BLOCK)):
+                    jj = n * BLOCK + rows
+                    v = wb._load_tile(qkv_b, jj, stride_qkv_s, v_col, dd, S)
+                    v_sum += gl.sum(v.to(gl.float32), 0)
+                v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
+                out = gl.where(valid[:, None], out, v_mean[None, :])
+            gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :],
+                     out.to(dtype), mask=(r_o < S)[:, None])
         else:
-            base = (pid_bg.to(gl.int64) * PARTS + part) * ROWS
+            base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
             gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
             r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
-            if MERGE:
-                # Every thread's stores before the one atomic (release, GPU scope); the last of the SPLITS + 1
-                # programs (acquire) merges.
-                gl.thread_barrier()
-                count = COUNT + pid_bg * gl.cdiv(S, BLOCK) + m
-                if gl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS:
-                    gl.store(count, 0)
-                    acc, m_i, l_i = _merge_others(acc, m_i, l_i, ACC, ML, pid_bg, part, PARTS, ROWS, r_o, d_o, r_s,
-                                                  HEAD_DIM, o_l)
-                    _write_context(acc, l_i, qvalid, r_o, d_o, qkv_b, rows, dd, stride_qkv_s, v_col, out_b,
-                                   stride_out_s, S, BLOCK, HEAD_DIM, s_l, o_l, ld)
         if RECORD:
             program_times.record(TIMES, started, m, pid_bg, 0)
 
@@ -357,56 +312,26 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
     return max(1, min(slots, -(-want // (query_blocks * programs))))
 
 
-class NearState(NamedTuple):
-    acc: torch.Tensor
-    ml: torch.Tensor
-    edges: torch.Tensor
-    splits: int
-    counters: torch.Tensor | None
-
-
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None, dependents: bool = False, merge_into: torch.Tensor | None = None
-               ) -> NearState:
-    """NearState(acc, ml, edges, splits, counters) of heads h0 .. h0+group-1: the softmax state over the near key blocks in
-    `splits` parts (default `splits_for`), acc [B * group, parts, rows, D] and ml [B * group, parts, 2, rows] float32
-    (running max in log2 units with qk_scale = factor * log2(e), running sum; parts = splits), and the saturated
-    tiles' C2P vectors [B, group, 2, rows] as `fused_attention.position_tables` returns them.
-    `window_band.supported(...)` must hold. dependents: each program first lets a kernel launched after it as a
-    programmatic dependent start (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL), and the
-    edge vectors are not written (that kernel computes its own: edges is then left uninitialised). merge_into (the
-    layer's context [B, S, H * D], with dependents; fused_attention.LAST_ARRIVER_MERGE): parts = splits + 1, the
-    last for the kernel after this one to write the saturated tiles' state into, and counters ([B * group, query
-    blocks] int32, all 0) on which the programs of each query block count themselves; the last to arrive merges the
-    states and writes the block's rows of merge_into (else counters is None)."""
+               splits: int | None = None, dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
+    (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
+    in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
+    [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold.
+    dependents: each program first lets a kernel launched after it as a programmatic dependent start
+    (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL), and the edge vectors are not written
+    (that kernel computes its own: edges is then left uninitialised)."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
                             fa.near_slots(saturation, seq, wb.BLOCK, wb.BLOCK), dependents)
-    merge = merge_into is not None
-    if merge and not dependents:
-        raise ValueError("merge_into needs dependents: the kernel after the near kernel must start during it")
-    parts = splits + merge
-    acc = torch.empty((batch * group, parts, rows, head_dim), device=qkv.device, dtype=torch.float32)
-    ml = torch.empty((batch * group, parts, 2, rows), device=qkv.device, dtype=torch.float32)
+    acc = torch.empty((batch * group, splits, rows, head_dim), device=qkv.device, dtype=torch.float32)
+    ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
-    counters = _counters(qkv.device, batch * group * triton.cdiv(seq, wb.BLOCK)) if merge else None
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, merge_into, dependents, counters)
-    return NearState(acc, ml, edges, splits, counters)
-
-
-# Zeroed int32 counters per device for the last-arriver merge, never freed: the programs that use them leave them 0,
-# and a CUDA graph that captured one buffer's address keeps using it (a larger need gets a new buffer beside it).
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, count: int) -> torch.Tensor:
-    kept = _COUNTERS.setdefault(device, [])
-    if not kept or kept[-1].numel() < count:
-        kept.append(torch.zeros(max(count, 1 << 14), device=device, dtype=torch.int32))
-    return kept[-1]
+            acc, ml, edges, None, dependents)
+    return acc, ml, edges
 
 
 # Where every tile is near the diagonal, the near kernel writes the context itself (one program per query block: no
@@ -429,8 +354,7 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
                 saturation: tuple[int, int], qk_scale: float, out: torch.Tensor) -> torch.Tensor:
     """The context of all heads into out [B, S, H * D] in one launch, where `finishes(...)` holds: no saturated
     tiles, so no state and no Triton kernel after this one."""
-    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out,
-            final=True)
+    _launch(qkv, mask, ranges, positions, heads, head_dim, 0, heads, 0, saturation, qk_scale, 1, qkv, qkv, qkv, out)
     return out
 
 
@@ -440,12 +364,11 @@ MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, out, dependents=False, counters=None, final=False):
-    """One launch of the near kernel: FINAL (the context into out), or the states into acc / ml (merged into out by
-    the last arriver with counters)."""
+            acc, ml, edges, out, dependents=False):
     batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
-    out = qkv if out is None else out  # a placeholder when only the state is written
+    final = out is not None
+    out = out if final else qkv  # a placeholder when the state is written
     edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
     times = program_times.buffer("near", grid[0] * grid[1], qkv.device)
@@ -454,9 +377,7 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
-        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, 1 if final else acc.shape[1],
-        mask if counters is None else counters, qkv if times is None else times,
+        seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents,
-        MERGE=counters is not None, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
