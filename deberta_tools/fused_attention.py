@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import near_attention, program_times, window_band
@@ -465,24 +465,6 @@ def _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOC
 
 
 @triton.jit
-def _write_rows(acc, l_i, qvalid, row_ok, io_mask, QKV_B, stride_qkv_s, V_COL, OUT_PTRS, S, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """A query block's context rows from its softmax state: acc / l_i, padded query rows as Hugging Face gives
-    them."""
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
-        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-        dd = tl.arange(0, BLOCK_D)
-        v_sum = tl.zeros([BLOCK_D], tl.float32)
-        for n in range(0, tl.cdiv(S, BLOCK_N)):
-            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
-            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
-            v_sum += tl.sum(v.to(tl.float32), 0)
-        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
-    tl.store(OUT_PTRS, out.to(OUT_PTRS.dtype.element_ty), mask=io_mask)
-
-
-@triton.jit
 def _attention_kernel(
     QKV, stride_qkv_b, stride_qkv_s,
     EDGES, stride_edge_b, stride_edge_h, ROWS, P2C_POS, stride_pos_h, stride_pos_p, TOP,
@@ -493,7 +475,7 @@ def _attention_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
-    OVERLAP: tl.constexpr, FIRST: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -501,11 +483,7 @@ def _attention_kernel(
     blocks). RECORD: each program's times into TIMES (`program_times`). OVERLAP (with NEAR_STATE, launched as a
     programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
     vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
-    OVERLAP_NEAR_TAIL). FIRST (with OVERLAP; SATURATED_FIRST): launched before the near kernel, which is its
-    programmatic dependent, it lets that kernel start at once, waits for nothing and writes its saturated state into
-    ACC / ML at (pid_bg * ROWS + i) instead of the rows (`_merge_kernel` merges the two)."""
-    if FIRST:
-        gdc_launch_dependents()
+    OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
         waited = tl.zeros([], tl.int64)
@@ -589,7 +567,7 @@ def _attention_kernel(
         P2C_H, d_ok, QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
         KV_DESC, pid_bg // G * S,
         HAS_P2C, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, MASKED_STAGES, TMA)
-    if NEAR_STATE and OVERLAP and not FIRST:
+    if NEAR_STATE and OVERLAP:
         if RECORD:
             waited = program_times.timer()
         gdc_wait()  # the near kernel has finished and its states are visible
@@ -601,42 +579,19 @@ def _attention_kernel(
                 QKV_B, stride_qkv_s, K_COL, V_COL, MASK_B, S, qk_scale,
                 True, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION)
 
-    if FIRST:
-        state = pid_bg.to(tl.int64) * ROWS
-        tl.store(ACC + (state + i)[:, None] * BLOCK_D + dd[None, :], acc)
-        tl.store(ML + 2 * state + i, m_i)
-        tl.store(ML + 2 * state + ROWS + i, l_i)
-    else:
-        _write_rows(acc, l_i, qvalid, row_ok, io_mask, QKV_B, stride_qkv_s, V_COL, OUT_PTRS, S, BLOCK_D, BLOCK_N)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if tl.min(tl.where(row_ok, qvalid, True).to(tl.int32), 0) == 0:
+        # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+        v_sum = tl.zeros([BLOCK_D], tl.float32)
+        for n in range(0, tl.cdiv(S, BLOCK_N)):
+            jj = n * BLOCK_N + tl.arange(0, BLOCK_N)
+            v = tl.load(QKV_B + jj[:, None] * stride_qkv_s + V_COL + dd[None, :], mask=(jj < S)[:, None], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        out = tl.where(qvalid[:, None], out, (v_sum / S)[None, :])
+    tl.store(OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :],
+             out.to(OUT.dtype.element_ty), mask=io_mask)
     if RECORD:
         program_times.record(TIMES, started, pid_m, pid_bg, waited)
-
-
-@triton.jit
-def _merge_kernel(ACC, ML, SPLITS, ACC_S, ML_S, ROWS, QKV, stride_qkv_b, stride_qkv_s, MASK, stride_mask_b,
-                  OUT, stride_out_b, stride_out_s, S, H, H0, G,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Out rows of one query block (grid (B * G, query blocks)) from the near kernel's SPLITS states in ACC / ML and
-    the saturated state the attention kernel wrote first (FIRST) in ACC_S / ML_S (SATURATED_FIRST)."""
-    pid_bg = tl.program_id(0)
-    b = (pid_bg // G).to(tl.int64)
-    h = H0 + pid_bg % G
-    i = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = i < S
-    if HEAD_DIM == BLOCK_D:
-        io_mask = row_ok[:, None]
-    else:
-        io_mask = row_ok[:, None] & (dd[None, :] < HEAD_DIM)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC_S, ML_S, pid_bg, 1, ROWS, i, dd, BLOCK_D)
-    acc, m_i, l_i = _merge_near_states(acc, m_i, l_i, ACC, ML, pid_bg, SPLITS, ROWS, i, dd, BLOCK_D)
-    qvalid = tl.load(MASK + b * stride_mask_b + i, mask=row_ok, other=0) != 0
-    QKV_B = QKV + b * stride_qkv_b
-    _write_rows(acc, l_i, qvalid, row_ok, io_mask, QKV_B, stride_qkv_s, 2 * H * HEAD_DIM + h * HEAD_DIM,
-                OUT + b * stride_out_b + i[:, None] * stride_out_s + h * HEAD_DIM + dd[None, :], S, BLOCK_D, BLOCK_N)
 
 
 @dataclass(frozen=True)
@@ -705,14 +660,6 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 # products unless the masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189
 # registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
 OVERLAP_NEAR_TAIL = True
-
-# With OVERLAP_NEAR_TAIL's grids: the other way round. The attention kernel (saturated tiles only, writing their
-# softmax state) launches first and lets the near kernel start at once as its dependent; neither waits, and a third
-# small kernel (`_merge_kernel`, a plain launch, so the stream has both done) merges the states and writes the rows.
-# v41 found the overlap's loss at 2048 in its tail: the saturated programs (~18 µs, the longest ~23) could start only
-# once every near program had, ~21 µs into the layer; started first they run beside the near kernel's first wave
-# (NOTES.md, v42).
-SATURATED_FIRST = False
 
 
 def _overlaps(device: torch.device, programs: int) -> bool:
@@ -919,23 +866,13 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # be: a zeroing launch between the two stops the overlap (it did in every recording from v34 to v41's first).
         times = program_times.buffer("attention", triton.cdiv(seq, tiles.block_m) * batch * g, qkv.device)
         overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
-        first = overlap and SATURATED_FIRST
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
             c2p, p2c, rows, sat_hi, sat_lo = None, None, 0, -(1 << 30), 1 << 30
         else:
             rows = _table_rows(seq)
-            if first:  # the saturated state first, the near kernel as its dependent (below), then _merge_kernel
-                edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)  # placeholder, never read
-                state = (torch.empty((batch * g, 1, rows, head_dim), device=qkv.device, dtype=torch.float32),
-                         torch.empty((batch * g, 1, 2, rows), device=qkv.device, dtype=torch.float32), 1)
-                splits = near_attention.splits_for(
-                    qkv.device, triton.cdiv(seq, window_band.BLOCK), batch * g,
-                    near_slots(sat, seq, window_band.BLOCK, window_band.BLOCK), True)
-                near_times = program_times.buffer(
-                    "near", triton.cdiv(seq, window_band.BLOCK) * splits * batch * g, qkv.device)
-            elif kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
+            if kind == "near":  # the near tiles' softmax state and the edge vectors in one launch
                 acc, ml, edges = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows,
                                                            sat, factor * _LOG2E, dependents=overlap)
                 state = (acc, ml, acc.shape[1])
@@ -967,17 +904,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
-            TMA=kv_desc is not None, OVERLAP=overlap, FIRST=first, num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages, launch_pdl=overlap and not first)
-        if first:
-            acc, ml, _ = near_attention.near_state(qkv, mask, ranges, positions, heads, head_dim, h0, g, rows, sat,
-                                                   factor * _LOG2E, splits=splits, dependents=True, pdl=True,
-                                                   times=near_times)
-            _merge_kernel[grid[::-1]](
-                acc, ml, splits, state[0], state[1], rows, qkv, qkv.stride(0), qkv.stride(1), mask, mask.stride(0),
-                out, out.stride(0), out.stride(1), seq, heads, h0, g,
-                HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
-                BLOCK_N=tiles.block_n, num_warps=tiles.num_warps)
+            TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            launch_pdl=overlap)
     return out
 
 

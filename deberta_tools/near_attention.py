@@ -314,17 +314,14 @@ def splits_for(device: torch.device, query_blocks: int, programs: int, slots: in
 
 def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, positions, heads: int, head_dim: int,
                h0: int, group: int, rows: int, saturation: tuple[int, int], qk_scale: float,
-               splits: int | None = None, dependents: bool = False, pdl: bool = False,
-               times: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               splits: int | None = None, dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(acc, ml, edges) of heads h0 .. h0+group-1: the softmax state over the near key blocks in `splits` parts
     (default `splits_for`), acc [B * group, splits, rows, D] and ml [B * group, splits, 2, rows] float32 (running max
     in log2 units with qk_scale = factor * log2(e), running sum), and the saturated tiles' C2P vectors
     [B, group, 2, rows] as `fused_attention.position_tables` returns them. `window_band.supported(...)` must hold.
     dependents: each program first lets a kernel launched after it as a programmatic dependent start
     (`griddepcontrol.launch_dependents`; fused_attention.OVERLAP_NEAR_TAIL), and the edge vectors are not written
-    (that kernel computes its own: edges is then left uninitialised). pdl: launched as the programmatic dependent of
-    the kernel before it (fused_attention.SATURATED_FIRST; it reads nothing that kernel writes). times: the
-    `program_times` buffer of this launch, made by the caller before the kernel before it (else made here)."""
+    (that kernel computes its own: edges is then left uninitialised)."""
     batch, seq, _ = qkv.shape
     if splits is None:
         splits = splits_for(qkv.device, triton.cdiv(seq, wb.BLOCK), batch * group,
@@ -333,7 +330,7 @@ def near_state(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, posi
     ml = torch.empty((batch * group, splits, 2, rows), device=qkv.device, dtype=torch.float32)
     edges = torch.empty((batch, group, 2, rows), device=qkv.device, dtype=torch.float32)
     _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, None, dependents, pdl, times)
+            acc, ml, edges, None, dependents)
     return acc, ml, edges
 
 
@@ -367,15 +364,14 @@ MAX_REGISTERS = None
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
-            acc, ml, edges, out, dependents=False, pdl=False, times=None):
+            acc, ml, edges, out, dependents=False):
     batch, seq, _ = qkv.shape
     pos, dist_lo = wb.by_distance(positions, qkv.device)
     final = out is not None
     out = out if final else qkv  # a placeholder when the state is written
     edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
-    if times is None:
-        times = program_times.buffer("near", grid[0] * grid[1], qkv.device)
+    times = program_times.buffer("near", grid[0] * grid[1], qkv.device)
     _near_attention_kernel[grid if final else grid[::-1]](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
@@ -384,4 +380,4 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
-        launch_pdl=pdl, **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
+        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

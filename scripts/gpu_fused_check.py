@@ -233,7 +233,7 @@ def masked_stages(settings):
 
 
 def flag_ab(flag, settings, module=fa):
-    """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL, SATURATED_FIRST) or of another module (near_attention's
+    """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL) or of another module (near_attention's
     PROGRAMS_PER_SM, OVERLAP_PROGRAMS_PER_SM), alternating: first the layer's output with each value against the
     first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with
     1000 and 700 and a hole; the values differ only in how the same products are scheduled or summed, so they must
@@ -452,8 +452,6 @@ def main():
                         help="only the A/B of fa.SATURATED_TMA (False against True, alternating), then stop")
     parser.add_argument("--overlap-near-tail", action="store_true",
                         help="only the A/B of fa.OVERLAP_NEAR_TAIL (False against True, alternating), then stop")
-    parser.add_argument("--saturated-first", action="store_true",
-                        help="only the A/B of fa.SATURATED_FIRST (False against True, alternating), then stop")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
@@ -508,9 +506,6 @@ def main():
         return
     if args.overlap_near_tail:
         flag_ab("OVERLAP_NEAR_TAIL", [False, True, False, True])
-        return
-    if args.saturated_first:
-        flag_ab("SATURATED_FIRST", [False, True, False, True])
         return
     if args.programs_per_sm:
         flag_ab("PROGRAMS_PER_SM", args.programs_per_sm, near_attention)

@@ -9,7 +9,7 @@ serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
                                       [--masked-loop-stages N] [--record-times] [--saturated-tma]
-                                      [--no-overlap-near-tail] [--saturated-first]
+                                      [--no-overlap-near-tail]
 """
 
 import argparse
@@ -81,8 +81,7 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
     """Run `fused_attention.attention` on CPU tensors with every kernel launch recorded instead of run (the
     demo config's position rule); band "window" or "near" takes that Gluon kernel as if on a Hopper GPU."""
     calls = []
-    for name in ("_attention_kernel", "_merge_kernel", "_position_tables_kernel", "_near_band_kernel",
-                 "_valid_ranges_kernel"):
+    for name in ("_attention_kernel", "_position_tables_kernel", "_near_band_kernel", "_valid_ranges_kernel"):
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
@@ -143,15 +142,12 @@ def main():
                         help="fused_attention.SATURATED_TMA: unmasked saturated blocks through a tensor descriptor")
     parser.add_argument("--no-overlap-near-tail", action="store_true",
                         help="fused_attention.OVERLAP_NEAR_TAIL off: the kernel after the near kernel not its dependent")
-    parser.add_argument("--saturated-first", action="store_true",
-                        help="fused_attention.SATURATED_FIRST: the saturated kernel first, the near kernel its dependent")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
     fa.SATURATED_TMA = args.saturated_tma
     fa.OVERLAP_NEAR_TAIL = not args.no_overlap_near_tail
-    fa.SATURATED_FIRST = args.saturated_first
     if args.record_times:
         program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

@@ -266,80 +266,6 @@ def test_near_tail_overlap_matches_triton_band(monkeypatch, name):
     assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{name}: {overlapped:.3e} vs {triton_band:.3e}"
 
 
-@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
-@pytest.mark.parametrize("name", ["v3", "c2p_only", "p2c_only"])
-def test_saturated_first_matches_triton_band(monkeypatch, name):
-    """fa.SATURATED_FIRST: the saturated tiles' kernel first, the near kernel as its programmatic dependent, then the
-    merge kernel, fp16 on a padded batch with far tiles, against the Triton band."""
-    monkeypatch.setattr(fa, "OVERLAP_NEAR_TAIL", True)
-    monkeypatch.setattr(fa, "SATURATED_FIRST", True)
-    merges = []
-    monkeypatch.setattr(fa, "_merge_kernel", _Counted(fa._merge_kernel, merges))
-    kw = dict(batch=3, seq=300, dtype=torch.float16, hidden_size=128)
-    first, _ = _attention_case(name, band_kernel="near", **kw)
-    assert merges, "the saturated-first path was not taken"
-    triton_band, _ = _attention_case(name, band_kernel="triton", **kw)
-    assert first < 1.02 * triton_band and first < 1e-2, f"{name}: {first:.3e} vs {triton_band:.3e}"
-
-
-class _Counted:
-    """A @triton.jit kernel that notes each launch's grid in `calls` and runs it."""
-
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        self.calls.append(grid)
-        return self.kernel[grid]
-
-
-def test_merge_kernel_matches_float64():
-    """fa._merge_kernel (SATURATED_FIRST's last step) on made-up softmax states against float64: per query row, the
-    states of SPLITS near parts and one saturated part, each from its own keys (some parts with none: running max
-    -inf), merged and normalised, is the softmax over all their keys; padded query rows get the mean of all S value
-    rows. Two sequences, two heads, 40 tokens (a partial last block)."""
-    batch, heads, dim, seq, splits, rows, block = 2, 2, 16, 40, 2, 48, 16
-    g = torch.Generator().manual_seed(3)
-    parts = []
-    want_num = torch.zeros(batch * heads, rows, dim, dtype=torch.float64)
-    want_den = torch.zeros(batch * heads, rows, dtype=torch.float64)
-    for part in range(splits + 1):
-        acc = torch.zeros(batch * heads, rows, dim, dtype=torch.float64)
-        m = torch.full((batch * heads, rows), float("-inf"), dtype=torch.float64)
-        l = torch.zeros(batch * heads, rows, dtype=torch.float64)
-        for bg in range(batch * heads):
-            for r in range(rows):
-                keys = int(torch.randint(0, 5, (1,), generator=g))
-                if keys == 0:
-                    continue
-                x = torch.randn(keys, generator=g, dtype=torch.float64) * 4  # scores in log2 units
-                v = torch.randn(keys, dim, generator=g, dtype=torch.float64)
-                m[bg, r] = x.max()
-                w = torch.exp2(x - m[bg, r])
-                l[bg, r], acc[bg, r] = w.sum(), w @ v
-                want_num[bg, r] += torch.exp2(x) @ v
-                want_den[bg, r] += torch.exp2(x).sum()
-        parts.append((acc.float(), torch.stack([m, l], 1).float()))
-    near_acc = torch.stack([p[0] for p in parts[:splits]], 1).contiguous()  # [B * G, splits, rows, D]
-    near_ml = torch.stack([p[1] for p in parts[:splits]], 1).contiguous()  # [B * G, splits, 2, rows]
-    sat_acc, sat_ml = parts[splits][0][:, None].contiguous(), parts[splits][1][:, None].contiguous()
-    qkv = torch.randn(batch, seq, 3 * heads * dim, generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.int32)
-    mask[1, 29:] = 0
-    out = torch.zeros(batch, seq, heads * dim)
-    fa._merge_kernel[(batch * heads, triton.cdiv(seq, block))](
-        near_acc.to(DEVICE), near_ml.to(DEVICE), splits, sat_acc.to(DEVICE), sat_ml.to(DEVICE), rows,
-        qkv.to(DEVICE), qkv.stride(0), qkv.stride(1), mask.to(DEVICE), mask.stride(0),
-        out_dev := out.to(DEVICE), out.stride(0), out.stride(1), seq, heads, 0, heads,
-        HEAD_DIM=dim, BLOCK_D=dim, BLOCK_M=block, BLOCK_N=block)
-    want = (want_num / torch.where(want_den == 0, 1.0, want_den)[..., None]).view(batch, heads, rows, dim)
-    want = want[:, :, :seq].permute(0, 2, 1, 3).reshape(batch, seq, heads * dim)
-    v_mean = qkv.double()[:, :, 2 * heads * dim:].mean(1)  # [B, H * D], over all S rows as Hugging Face has it
-    want = torch.where(mask.bool()[..., None], want, v_mean[:, None, :])
-    assert (want_den[:, :seq] == 0).any(), "no row without keys: the -inf path went untested"
-    assert _rel(out_dev, want) < 1e-5
-
-
 @pytest.mark.parametrize("seq", [1, 64, 300, 512, 513, 700, 2048])
 @pytest.mark.parametrize("rule", [fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16),
                                   fa.PositionRule(64, -1, 64)])
@@ -548,17 +474,6 @@ def test_near_tail_overlap_compiles_unserialised(tmp_path, seq, overlap):
     off = _compiled_for_hopper("--band", "near", "--seq-len", seq, "--no-overlap-near-tail")
     assert off["_attention_kernel"][4].strip() == "148"
     assert (rows["_attention_kernel"][4].strip() != "148") == overlap
-
-
-def test_saturated_first_compiles_unserialised(tmp_path):
-    """fa.SATURATED_FIRST compiled for sm_90 at 1 x 2048 (H100, 132 SMs): the saturated kernel lets its dependent
-    launch (griddepcontrol.launch_dependents) and waits for nothing, its products stay pipelined, and the merge
-    kernel is there."""
-    rows = _compiled_for_hopper("--band", "near", "--seq-len", "2048", "--saturated-first", "--dump", str(tmp_path))
-    assert {"_attention_kernel", "_near_attention_kernel", "_merge_kernel"} <= set(rows)
-    assert all(row[-2].strip() != "True" for row in rows.values())
-    first = (tmp_path / "_attention_kernel.ptx").read_text()
-    assert "griddepcontrol.launch_dependents" in first and "griddepcontrol.wait" not in first
 
 
 def test_recording_kernels_compile_for_hopper(tmp_path):
