@@ -863,7 +863,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         band, slots, state = qkv, 1, (qkv, qkv, 1)  # placeholders for what this launch does not read
         near_state = positions is not None and kind == "near"
         # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
-        # be: a zeroing launch between the two stops the overlap (it did in every recording from v34 to v41's first).
+        # be: a zeroing launch between the two stops the overlap (one sat there in every recording before v41b).
         times = program_times.buffer("attention", triton.cdiv(seq, tiles.block_m) * batch * g, qkv.device)
         overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
         if positions is None:  # every key block "saturated": only the key mask is added

@@ -13,25 +13,25 @@ host and, separately, captured in one CUDA graph.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-
-@triton.jit
-def _timer():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deberta_tools.program_times import timer  # noqa: E402
 
 
 @triton.jit
 def _primary(FLAG, value, spin_ns):
     gdc_launch_dependents()
-    t0 = _timer()
+    t0 = timer()
     t = t0
     while t - t0 < spin_ns:
-        t = _timer()
+        t = timer()
     tl.store(FLAG, value)
 
 
