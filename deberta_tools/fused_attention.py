@@ -864,8 +864,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         near_state = positions is not None and kind == "near"
         # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
         # be: a zeroing launch between the two stops the overlap (one sat there in every recording before v41b).
-        times = program_times.buffer("attention", triton.cdiv(seq, tiles.block_m) * batch * g, qkv.device)
-        overlap = near_state and _overlaps(qkv.device, triton.cdiv(seq, tiles.block_m) * batch * g)
+        programs = triton.cdiv(seq, tiles.block_m) * batch * g
+        times = program_times.buffer("attention", programs, qkv.device)
+        overlap = near_state and _overlaps(qkv.device, programs)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)

@@ -6,8 +6,9 @@ finished. With `RECORDING` set to a list, every launch of `fused_attention`'s at
 `near_attention`'s near kernel gets a buffer here (`buffer`) whose rows its programs fill as they end: SM id, the
 GPU's global timer (ns) and the SM's clock at the program's start and end, query block, batch x head, and the
 global timer where the program began to wait for the kernel before it (`griddepcontrol.wait`; 0 where it has no
-such wait). Unset (the default) the kernels compile without it. `scripts/gpu_program_times.py` runs one layer this way and prints
-`summary`'s table. The recording is inline PTX, so it runs on NVIDIA GPUs only (not under TRITON_INTERPRET).
+such wait). Unset (the default) the kernels compile without it. `scripts/gpu_program_times.py` runs one layer this
+way and prints `summary`'s table. The recording is inline PTX, so it runs on NVIDIA GPUs only (not under
+TRITON_INTERPRET).
 """
 
 from __future__ import annotations

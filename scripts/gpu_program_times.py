@@ -89,12 +89,11 @@ def main():
         last = max(times[:, 2].max() for _, times in launches)
         for n, (name, times) in enumerate(launches):
             s = program_times.summary(times, sms)
-            gap = "" if n == 0 else f"{(times[:, 1].min() - launches[n - 1][1][:, 2].max()) / 1e3:.1f}"
-            waiting = ""
+            gap, waiting = "", ""
             if n:  # programs that ended within 1 us after the kernel before ended (waiting for it, or merely late)
                 before_end = launches[n - 1][1][:, 2].max()
                 ended = np.sum(times[:, 2] <= before_end + 1000)
-                gap += f" ({ended} ended by its end + 1 us)"
+                gap = f"{(times[:, 1].min() - before_end) / 1e3:.1f} ({ended} ended by its end + 1 us)"
                 at_wait = times[:, 7] > 0
                 if at_wait.any():  # from reaching griddepcontrol.wait to the end of the kernel before
                     held = np.maximum(before_end - times[at_wait, 7], 0) / 1e3
