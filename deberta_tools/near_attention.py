@@ -84,13 +84,16 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, QUERY_ORDER: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
         context, instead.
+        QUERY_ORDER: the score tile's rows hold the block's queries in window_band._query_order (C2P's skewed read
+        without bank conflicts).
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -124,7 +127,10 @@ if wb.gluon is not None:
         pos_h = POS + h * stride_pos_h
         c2p_rows = pos_h + C2P_TERM * stride_pos_t  # by distance, top index first
         p2c_rows = pos_h + P2C_TERM * stride_pos_t  # by distance, index 0 first
-        i = i0 + rows
+        if QUERY_ORDER:
+            i = i0 + wb._query_order(rows)
+        else:
+            i = i0 + rows
         q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
         # The near key blocks the attention kernel visits: its own function.
@@ -231,7 +237,7 @@ if wb.gluon is not None:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True, QUERY_ORDER)
                 c2p_half = upper
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
@@ -245,7 +251,7 @@ if wb.gluon is not None:
                            HAS_P2C, False, BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
-                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True, QUERY_ORDER)
             if (blk < full_first) | (blk >= full_end):
                 # The key mask, only where a key of this block may be padded or outside the sequence (the Triton
                 # kernel's rule, `fa._unmasked_blocks`): a block between the first and last token of a sequence
@@ -262,7 +268,10 @@ if wb.gluon is not None:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
 
-        r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
+        r_o = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
+        if QUERY_ORDER:
+            r_o = wb._query_order(r_o)
+        r_o += i0
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
         if FINAL:  # as the Triton kernel ends
             out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
@@ -281,7 +290,10 @@ if wb.gluon is not None:
         else:
             base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
             gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
-            r_s = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
+            r_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
+            if QUERY_ORDER:
+                r_s = wb._query_order(r_s)
+            r_s += i0
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
         if RECORD:
@@ -358,6 +370,9 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
+# The score tile's rows in window_band._query_order: C2P's skewed read without its 2-way bank conflicts (v43).
+QUERY_ORDER = True
+
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -379,5 +394,6 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, QUERY_ORDER=QUERY_ORDER,
+        num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

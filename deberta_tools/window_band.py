@@ -106,21 +106,33 @@ if gluon is not None:
         5, 0, 2, 3."""
         return ((n & 1) << 1) | (((n >> 1) & 3) << 4) | ((n >> 3) & 1) | (((n >> 4) & 3) << 2)
 
+    @gluon.jit
+    def _query_order(n):
+        """The query order of the near kernel's score tiles (BLOCK 64): row n holds query _query_order(n) of the
+        block (Q is loaded and the rows written in this order). A load instruction of C2P's skewed read takes 8
+        consecutive rows of the MMA layout; at the read's pitch of 129 two-byte elements two neighbouring queries
+        are 64.5 words apart, on the same bank every other time (2-way conflicts, v43's ncu); these 8 queries 2
+        apart are 129 words apart, one bank each. Bits 0 ... 5 of n go to bits 1, 2, 3, 0, 4, 5."""
+        return ((n & 7) << 1) | ((n >> 3) & 1) | (n & 48)
+
     @gluon.constexpr_function
-    def _skewed_read_layout(block, win, key_order, transpose):
+    def _skewed_read_layout(block, win, key_order, transpose, query_order=False):
         """The padded view (row pitch win + 1) that _read_skewed reads; with key_order its keys (the rows for
         transpose, else the columns of the second half) in _key_order: buffer bits 0 ... 5 of the key hold keys
-        8, 1, 16, 32, 2, 4."""
+        8, 1, 16, 32, 2, 4; with query_order also its queries (the columns of the second half for transpose, else
+        the rows) in _query_order: buffer bits 0 ... 5 of the query hold queries 8, 1, 2, 4, 16, 32."""
         if not key_order:
+            assert not query_order, "_query_order goes with _key_order"
             return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
-        assert block == 64, "_key_order is written for 64-key blocks"
+        assert block == 64, "_key_order and _query_order are written for 64-row blocks"
         keys = [8, 1, 16, 32, 2, 4]
+        queries = [8, 1, 2, 4, 16, 32] if query_order else [1 << n for n in range(block.bit_length() - 1)]
         if transpose:
-            cols = [[0, 1 << n] for n in range(win.bit_length() - 1)]
+            cols = [[0, q] for q in queries] + [[0, block]]
             rows = [[k, 0] for k in keys]
         else:
             cols = [[0, k] for k in keys] + [[0, block]]
-            rows = [[1 << n, 0] for n in range(block.bit_length() - 1)]
+            rows = [[q, 0] for q in queries]
         return gl.PaddedSharedLayout([[win, 1]], cols + rows, [], [block, win])
 
     @gluon.constexpr_function
@@ -134,7 +146,7 @@ if gluon is not None:
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                  KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
+                  KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, QUERY_ORDER: gl.constexpr = False):
         """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
         where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
         stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
@@ -143,21 +155,21 @@ if gluon is not None:
         BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
         (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. KEY_ORDER: out's
-        column c is key _key_order(c), and both reads are straight in out_l without bank conflicts. FREE: see
-        _product_buffer."""
+        column c is key _key_order(c), and both reads are straight in out_l. QUERY_ORDER (with KEY_ORDER): out's
+        row r is query _query_order(r), and neither read has bank conflicts. FREE: see _product_buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.store(prod.to(dtype))
-        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER)
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER, QUERY_ORDER)
 
     @gluon.jit
     def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
+                     KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, QUERY_ORDER: gl.constexpr = False):
         """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
         not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.slice(0, BLOCK, dim=1).store(lo)
         p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
-        return _read_skewed(p_s, dtype, False, BLOCK, out_l, KEY_ORDER)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l, KEY_ORDER, QUERY_ORDER)
 
     @gluon.jit
     def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr, FREE: gl.constexpr = False):
@@ -171,10 +183,10 @@ if gluon is not None:
 
     @gluon.jit
     def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     KEY_ORDER: gl.constexpr):
+                     KEY_ORDER: gl.constexpr, QUERY_ORDER: gl.constexpr = False):
         """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order)."""
         WIN: gl.constexpr = 2 * BLOCK
-        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, KEY_ORDER, TRANSPOSE)
+        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, KEY_ORDER, TRANSPOSE, QUERY_ORDER)
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:

@@ -9,7 +9,7 @@ up, then once more each between cudaProfilerStart and cudaProfilerStop, so that
         -k 'regex:attention_kernel|_flash_|flash_fwd' -o layer python3 scripts/ncu_attention_layer.py [--seq-len 2048]
 
 profiles one launch of each. `--flag NAME` also runs the fused layer with fused_attention.NAME set (after it
-unset), to compare a switch's kernels in one report.
+unset; `near_attention.NAME` for one of that module), to compare a switch's kernels in one report.
 """
 
 import argparse
@@ -21,13 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpu_flash_ceiling as ceiling  # noqa: E402
-from deberta_tools import fused_attention as fa, inputs  # noqa: E402
+from deberta_tools import fused_attention as fa, inputs, near_attention  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--flag", help="a boolean of fused_attention to run the layer with as well")
+    parser.add_argument("--flag", help="a boolean of fused_attention (or near_attention.NAME) to run the layer with "
+                                       "as well")
     args = parser.parse_args()
     heads, dim, seq = 6, 64, args.seq_len
     torch.manual_seed(seq)
@@ -35,9 +36,11 @@ def main():
     ranges = fa.valid_ranges(mask)
     q, k, v = qkv.view(1, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
 
+    module, flag = (near_attention, args.flag.split(".", 1)[1]) if args.flag and "." in args.flag else (fa, args.flag)
+
     def fused(value=False):
-        if args.flag:
-            setattr(fa, args.flag, value)
+        if flag:
+            setattr(module, flag, value)
         return fa.attention(qkv, mask, heads, dim, positions, 0.07, ranges=ranges)
 
     runs = [fused] + ([lambda: fused(True)] if args.flag else []) + [
