@@ -64,12 +64,13 @@ if wb.gluon is not None:
     @gluon.jit
     def _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, spread, rows, wins, dd,
                    i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr,
-                   HAS_P2C: gl.constexpr, FIRST: gl.constexpr, BLOCK: gl.constexpr):
-        """The copies of the program's near block n (first key j0) that its products read, not committed: K in key
-        order; for P2C K in spread order and P2C's window; for C2P its window's upper half into slot (n + 1) % 2
-        (the lower half is the previous block's, kept in registers), and with FIRST (n = 0) the lower half too."""
+                   HAS_P2C: gl.constexpr, FIRST: gl.constexpr, BLOCK: gl.constexpr, ORDER: gl.constexpr):
+        """The copies of the program's near block n (first key j0) that its products read, not committed: K in the
+        score tile's key order; for P2C K in spread order (unless that is the key order, SPREAD_ORDER) and P2C's
+        window; for C2P its window's upper half into slot (n + 1) % 2 (the lower half is the previous block's, kept
+        in registers), and with FIRST (n = 0) the lower half too."""
         _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
-        if HAS_P2C:
+        if HAS_P2C and ORDER != wb.SPREAD_ORDER:
             _copy_tile(ks_s, qkv_b, j0 + spread, stride_qkv_s, k_col, dd, S)
         if HAS_C2P:
             if FIRST:
@@ -84,7 +85,7 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, QUERY_ORDER: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, ORDER: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
@@ -92,8 +93,8 @@ if wb.gluon is not None:
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
         context, instead.
-        QUERY_ORDER: the score tile's rows hold the block's queries in window_band._query_order (C2P's skewed read
-        without bank conflicts).
+        ORDER: the score tile's keys and queries in window_band's KEY_ORDER or SPREAD_ORDER (both skewed reads
+        without bank conflicts; SPREAD_ORDER with one copy of K).
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -127,10 +128,7 @@ if wb.gluon is not None:
         pos_h = POS + h * stride_pos_h
         c2p_rows = pos_h + C2P_TERM * stride_pos_t  # by distance, top index first
         p2c_rows = pos_h + P2C_TERM * stride_pos_t  # by distance, index 0 first
-        if QUERY_ORDER:
-            i = i0 + wb._query_order(rows)
-        else:
-            i = i0 + rows
+        i = i0 + wb._score_queries(rows, ORDER)
         q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
         # The near key blocks the attention kernel visits: its own function.
@@ -161,16 +159,16 @@ if wb.gluon is not None:
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
-        # second copy of Q (once) and of each K block, rows spread.
+        # second copy of Q (once) and, unless the score tile's keys are in that order (SPREAD_ORDER), of each K block.
         spread = wb._spread(rows)
-        # The score tile's columns hold the block's keys in window_band._key_order (conflict-free skewed reads of
+        # The score tile's columns hold the block's keys in window_band._score_keys's order (conflict-free skewed reads of
         # P2C): K, V and the key mask are loaded in that order.
-        keys = wb._key_order(rows)
+        keys = wb._score_keys(rows, ORDER)
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
                                              wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
-        ks_s = k_s  # stands in without P2C (never read)
-        if HAS_P2C:
+        ks_s = k_s  # P2C's operand under SPREAD_ORDER; stands in without P2C (never read)
+        if HAS_P2C and ORDER != wb.SPREAD_ORDER:
             ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # Block n's V in slot n % 2: the next block's V goes to the other slot, with no barrier after P.V (v25).
         v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
@@ -181,7 +179,7 @@ if wb.gluon is not None:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        cols = wb._key_order(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
+        cols = wb._score_keys(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)), ORDER)
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
@@ -201,7 +199,7 @@ if wb.gluon is not None:
         if start < stop:
             _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, spread,
                        rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C,
-                       True, BLOCK)
+                       True, BLOCK, ORDER)
             async_copy.commit_group()
             _copy_tile(v_s.index(0), qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
@@ -237,7 +235,7 @@ if wb.gluon is not None:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True, QUERY_ORDER)
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, ORDER, True)
                 c2p_half = upper
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
@@ -248,10 +246,10 @@ if wb.gluon is not None:
             if more:  # the next block's; its upper half goes where this block's lower half was
                 _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys,
                            spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P,
-                           HAS_P2C, False, BLOCK)
+                           HAS_P2C, False, BLOCK, ORDER)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
-                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True, QUERY_ORDER)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, ORDER, True)
             if (blk < full_first) | (blk >= full_end):
                 # The key mask, only where a key of this block may be padded or outside the sequence (the Triton
                 # kernel's rule, `fa._unmasked_blocks`): a block between the first and last token of a sequence
@@ -268,10 +266,7 @@ if wb.gluon is not None:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
 
-        r_o = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
-        if QUERY_ORDER:
-            r_o = wb._query_order(r_o)
-        r_o += i0
+        r_o = i0 + wb._score_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l)), ORDER)
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
         if FINAL:  # as the Triton kernel ends
             out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
@@ -290,10 +285,7 @@ if wb.gluon is not None:
         else:
             base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
             gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
-            r_s = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l))
-            if QUERY_ORDER:
-                r_s = wb._query_order(r_s)
-            r_s += i0
+            r_s = i0 + wb._score_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l)), ORDER)
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
         if RECORD:
@@ -370,8 +362,9 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# The score tile's rows in window_band._query_order: C2P's skewed read without its 2-way bank conflicts (v43).
-QUERY_ORDER = True
+# The order of the score tile's keys and queries (window_band.KEY_ORDER: C2P's skewed read without its 2-way bank
+# conflicts, v43; window_band.SPREAD_ORDER: the same, and one copy of each K block instead of two, v44).
+SCORE_ORDER = 2
 
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
@@ -394,6 +387,6 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, QUERY_ORDER=QUERY_ORDER,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, ORDER=SCORE_ORDER,
         num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -115,18 +115,50 @@ if gluon is not None:
         apart are 129 words apart, one bank each. Bits 0 ... 5 of n go to bits 1, 2, 3, 0, 4, 5."""
         return ((n & 7) << 1) | ((n >> 3) & 1) | (n & 48)
 
+    @gluon.jit
+    def _spread_queries(n):
+        """The query order of the near kernel's score tiles whose keys are in _spread order (SPREAD_ORDER, BLOCK 64):
+        row n holds query _spread_queries(n). With keys in _spread order a load of C2P's skewed read takes its 4
+        columns 2 and 4 keys apart (4 and 8 words), so its 8 rows must fall on banks {0, 1, 2, 3, 16, ..., 19}:
+        queries 2 apart in two runs 32 apart. Bits 0 ... 5 of n go to bits 1, 2, 5, 0, 3, 4."""
+        return ((n & 3) << 1) | (((n >> 2) & 1) << 5) | ((n >> 3) & 1) | (((n >> 4) & 3) << 3)
+
+    # The orders of a score tile's keys and queries that _read_skewed can read into (ORDER): NATURAL (the window
+    # band); KEY_ORDER, keys in _key_order and queries in _query_order (v43: K is copied twice, in key order for
+    # Q.Kᵀ and P.V and in _spread order for P2C's product); SPREAD_ORDER, keys in _spread order and queries in
+    # _spread_queries (one copy of K serves all three products).
+    NATURAL = gl.constexpr(0)
+    KEY_ORDER = gl.constexpr(1)
+    SPREAD_ORDER = gl.constexpr(2)
+
+    @gluon.jit
+    def _score_keys(n, ORDER: gl.constexpr):
+        """The key of the block a score tile's column n holds under ORDER."""
+        if ORDER == KEY_ORDER:
+            return _key_order(n)
+        else:
+            return _spread(n)
+
+    @gluon.jit
+    def _score_queries(n, ORDER: gl.constexpr):
+        """The query of the block a score tile's row n holds under ORDER."""
+        if ORDER == KEY_ORDER:
+            return _query_order(n)
+        else:
+            return _spread_queries(n)
+
     @gluon.constexpr_function
-    def _skewed_read_layout(block, win, key_order, transpose, query_order=False):
-        """The padded view (row pitch win + 1) that _read_skewed reads; with key_order its keys (the rows for
-        transpose, else the columns of the second half) in _key_order: buffer bits 0 ... 5 of the key hold keys
-        8, 1, 16, 32, 2, 4; with query_order also its queries (the columns of the second half for transpose, else
-        the rows) in _query_order: buffer bits 0 ... 5 of the query hold queries 8, 1, 2, 4, 16, 32."""
-        if not key_order:
-            assert not query_order, "_query_order goes with _key_order"
+    def _skewed_read_layout(block, win, order, transpose):
+        """The padded view (row pitch win + 1) that _read_skewed reads; its keys (the rows for transpose, else the
+        columns of the second half) and queries (the columns of the second half for transpose, else the rows) in
+        the score tile's order `order`: buffer bits 0 ... 5 of the key hold the tile's keys 8, 1, 16, 32, 2, 4
+        (KEY_ORDER) or 8, 16, 1, 2, 4, 32 (SPREAD_ORDER), those of the query its queries 8, 1, 2, 4, 16, 32
+        (KEY_ORDER) or 8, 1, 2, 16, 32, 4 (SPREAD_ORDER)."""
+        if order == NATURAL.value:
             return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
-        assert block == 64, "_key_order and _query_order are written for 64-row blocks"
-        keys = [8, 1, 16, 32, 2, 4]
-        queries = [8, 1, 2, 4, 16, 32] if query_order else [1 << n for n in range(block.bit_length() - 1)]
+        assert block == 64, "the score tile orders are written for 64-row blocks"
+        keys = [8, 1, 16, 32, 2, 4] if order == KEY_ORDER.value else [8, 16, 1, 2, 4, 32]
+        queries = [8, 1, 2, 4, 16, 32] if order == KEY_ORDER.value else [8, 1, 2, 16, 32, 4]
         if transpose:
             cols = [[0, q] for q in queries] + [[0, block]]
             rows = [[k, 0] for k in keys]
@@ -146,7 +178,7 @@ if gluon is not None:
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                  KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, QUERY_ORDER: gl.constexpr = False):
+                  ORDER: gl.constexpr = NATURAL, FREE: gl.constexpr = False):
         """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
         where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
         stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
@@ -154,22 +186,22 @@ if gluon is not None:
         2 * BLOCK + 1: view row t, column BLOCK + c is P[t, BLOCK - t + c] (with TRANSPOSE view row c, column
         BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
-        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. KEY_ORDER: out's
-        column c is key _key_order(c), and both reads are straight in out_l. QUERY_ORDER (with KEY_ORDER): out's
-        row r is query _query_order(r), and neither read has bank conflicts. FREE: see _product_buffer."""
+        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. ORDER other than
+        NATURAL: out's column c is key _score_keys(c, ORDER) and its row r query _score_queries(r, ORDER), both reads
+        are straight in out_l and neither has bank conflicts. FREE: see _product_buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.store(prod.to(dtype))
-        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, KEY_ORDER, QUERY_ORDER)
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, ORDER)
 
     @gluon.jit
     def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     KEY_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, QUERY_ORDER: gl.constexpr = False):
+                     ORDER: gl.constexpr = NATURAL, FREE: gl.constexpr = False):
         """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
         not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.slice(0, BLOCK, dim=1).store(lo)
         p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
-        return _read_skewed(p_s, dtype, False, BLOCK, out_l, KEY_ORDER, QUERY_ORDER)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l, ORDER)
 
     @gluon.jit
     def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr, FREE: gl.constexpr = False):
@@ -183,15 +215,15 @@ if gluon is not None:
 
     @gluon.jit
     def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     KEY_ORDER: gl.constexpr, QUERY_ORDER: gl.constexpr = False):
+                     ORDER: gl.constexpr):
         """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order)."""
         WIN: gl.constexpr = 2 * BLOCK
-        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, KEY_ORDER, TRANSPOSE, QUERY_ORDER)
+        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, ORDER, TRANSPOSE)
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:
             return view.permute((1, 0)).load(out_l).to(gl.float32)
-        elif KEY_ORDER:  # no two neighbouring columns adjacent in memory: read straight in out_l (_key_order)
+        elif ORDER != NATURAL:  # read straight in out_l (the score tile orders)
             return view.load(out_l).to(gl.float32)
         else:
             row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
