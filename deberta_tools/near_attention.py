@@ -8,7 +8,8 @@ walks its near key blocks and does the whole online-softmax step for each:
     s   = Q.Kᵀ + skew(Q.Wcᵀ) + skew(K.Wpᵀ)ᵀ + key mask      three tensor-core products, the skews through shared
                                                          memory, both products stored straight from their MMA
                                                          layout (`window_band._skew_mma`, no bank conflicts:
-                                                         rows spread, keys in `_key_order`); Q.Wcᵀ's window moves
+                                                         rows spread, keys and queries in `_spread` and
+                                                         `_spread_queries` order); Q.Wcᵀ's window moves
                                                          by one block from one key block to the next, so each
                                                          half of it is computed once and used twice
     acc = acc * alpha + softmax-numerator(s) . V          FlashAttention-2's step, P from registers
@@ -62,16 +63,14 @@ if wb.gluon is not None:
         async_copy.async_copy_global_to_shared(dst, base + (first + idx)[:, None] * stride + dd[None, :])
 
     @gluon.jit
-    def _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, spread, rows, wins, dd,
-                   i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr,
-                   HAS_P2C: gl.constexpr, FIRST: gl.constexpr, BLOCK: gl.constexpr, ORDER: gl.constexpr):
+    def _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, rows, wins, dd, i0,
+                   stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr,
+                   FIRST: gl.constexpr, BLOCK: gl.constexpr):
         """The copies of the program's near block n (first key j0) that its products read, not committed: K in the
-        score tile's key order; for P2C K in spread order (unless that is the key order, SPREAD_ORDER) and P2C's
-        window; for C2P its window's upper half into slot (n + 1) % 2 (the lower half is the previous block's, kept
-        in registers), and with FIRST (n = 0) the lower half too."""
+        score tile's key order (_spread, which P2C's product takes too); for P2C its window; for C2P its window's
+        upper half into slot (n + 1) % 2 (the lower half is the previous block's, kept in registers), and with FIRST
+        (n = 0) the lower half too."""
         _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
-        if HAS_P2C and ORDER != wb.SPREAD_ORDER:
-            _copy_tile(ks_s, qkv_b, j0 + spread, stride_qkv_s, k_col, dd, S)
         if HAS_C2P:
             if FIRST:
                 _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
@@ -85,16 +84,13 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, ORDER: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
         context, instead.
-        ORDER: the score tile's keys and queries in window_band's KEY_ORDER or SPREAD_ORDER (both skewed reads
-        without bank conflicts; SPREAD_ORDER with one copy of K).
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -128,7 +124,9 @@ if wb.gluon is not None:
         pos_h = POS + h * stride_pos_h
         c2p_rows = pos_h + C2P_TERM * stride_pos_t  # by distance, top index first
         p2c_rows = pos_h + P2C_TERM * stride_pos_t  # by distance, index 0 first
-        i = i0 + wb._score_queries(rows, ORDER)
+        # The score tile's rows hold the block's queries in window_band._spread_queries order (conflict-free skewed
+        # reads, v43 / v44).
+        i = i0 + wb._spread_queries(rows)
         q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
 
         # The near key blocks the attention kernel visits: its own function.
@@ -159,17 +157,14 @@ if wb.gluon is not None:
         q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
-        # second copy of Q (once) and, unless the score tile's keys are in that order (SPREAD_ORDER), of each K block.
+        # second copy of Q (once); the score tile's columns hold the block's keys in the same order, so one copy of
+        # each K block serves Q.Kᵀ and P2C's product (v44; K, V and the key mask are loaded in that order).
         spread = wb._spread(rows)
-        # The score tile's columns hold the block's keys in window_band._score_keys's order (conflict-free skewed reads of
         # P2C): K, V and the key mask are loaded in that order.
-        keys = wb._score_keys(rows, ORDER)
+        keys = spread
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
                                              wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
-        ks_s = k_s  # P2C's operand under SPREAD_ORDER; stands in without P2C (never read)
-        if HAS_P2C and ORDER != wb.SPREAD_ORDER:
-            ks_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # Block n's V in slot n % 2: the next block's V goes to the other slot, with no barrier after P.V (v25).
         v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
         wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
@@ -179,7 +174,7 @@ if wb.gluon is not None:
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-        cols = wb._score_keys(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)), ORDER)
+        cols = wb._spread(gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l)))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, gl.SliceLayout(1, s_l))
         l_i = gl.zeros([BLOCK], gl.float32, gl.SliceLayout(1, s_l))
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
@@ -197,9 +192,8 @@ if wb.gluon is not None:
         # block's products have read them; both land while the rest of this block runs, and one wait and barrier at
         # the top of each block covers all of them.
         if start < stop:
-            _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, spread,
-                       rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C,
-                       True, BLOCK, ORDER)
+            _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, rows, wins, dd,
+                       i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, True, BLOCK)
             async_copy.commit_group()
             _copy_tile(v_s.index(0), qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
@@ -230,12 +224,12 @@ if wb.gluon is not None:
             s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
                                 is_async=True)
             if HAS_P2C:
-                p2c_t = wb._window_product(ks_s, wp_s, BLOCK, num_warps, True)
+                p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
             if HAS_C2P:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, ORDER, True)
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
                 c2p_half = upper
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
@@ -244,12 +238,12 @@ if wb.gluon is not None:
                 p2c = warpgroup_mma_wait(0, deps=[p2c_t])
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:  # the next block's; its upper half goes where this block's lower half was
-                _copy_keys(k_s, ks_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys,
-                           spread, rows, wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P,
-                           HAS_P2C, False, BLOCK, ORDER)
+                _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys, rows,
+                           wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, False,
+                           BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
-                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, ORDER, True)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
             if (blk < full_first) | (blk >= full_end):
                 # The key mask, only where a key of this block may be padded or outside the sequence (the Triton
                 # kernel's rule, `fa._unmasked_blocks`): a block between the first and last token of a sequence
@@ -266,7 +260,7 @@ if wb.gluon is not None:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
 
-        r_o = i0 + wb._score_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l)), ORDER)
+        r_o = i0 + wb._spread_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l)))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
         if FINAL:  # as the Triton kernel ends
             out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
@@ -285,7 +279,7 @@ if wb.gluon is not None:
         else:
             base = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
             gl.store(ACC + (base + r_o)[:, None] * HEAD_DIM + d_o[None, :], acc)
-            r_s = i0 + wb._score_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l)), ORDER)
+            r_s = i0 + wb._spread_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, s_l)))
             gl.store(ML + 2 * base + r_s, m_i)
             gl.store(ML + 2 * base + ROWS + r_s, l_i)
         if RECORD:
@@ -362,10 +356,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# The order of the score tile's keys and queries (window_band.KEY_ORDER: C2P's skewed read without its 2-way bank
-# conflicts, v43; window_band.SPREAD_ORDER: the same, and one copy of each K block instead of two, v44).
-SCORE_ORDER = 2
-
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -387,6 +377,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, ORDER=SCORE_ORDER,
-        num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -96,69 +96,28 @@ if gluon is not None:
         return ((r & 7) << 2) | ((r >> 3) & 3) | (r & 32)
 
     @gluon.jit
-    def _key_order(n):
-        """The key order of the near kernel's score tiles (BLOCK 64): column n holds key _key_order(n) of the block
-        (K, V and the key mask are loaded in this order; the sums over keys do not see it). A load instruction of
-        the skewed reads (`_read_skewed` with KEY_ORDER, both terms straight in the MMA layout) takes 8 rows and 4
-        columns n = 2c + 8k + e: at the buffer's odd pitch consecutive keys fall on neighbouring banks (4-way
-        conflicts), these 4 keys 16 apart do not; and neighbouring columns are never neighbouring keys, so the
-        compiler does not pair two-byte reads that the odd pitch would misalign. Bits 0 ... 5 of n go to bits 1, 4,
-        5, 0, 2, 3."""
-        return ((n & 1) << 1) | (((n >> 1) & 3) << 4) | ((n >> 3) & 1) | (((n >> 4) & 3) << 2)
-
-    @gluon.jit
-    def _query_order(n):
-        """The query order of the near kernel's score tiles (BLOCK 64): row n holds query _query_order(n) of the
-        block (Q is loaded and the rows written in this order). A load instruction of C2P's skewed read takes 8
-        consecutive rows of the MMA layout; at the read's pitch of 129 two-byte elements two neighbouring queries
-        are 64.5 words apart, on the same bank every other time (2-way conflicts, v43's ncu); these 8 queries 2
-        apart are 129 words apart, one bank each. Bits 0 ... 5 of n go to bits 1, 2, 3, 0, 4, 5."""
-        return ((n & 7) << 1) | ((n >> 3) & 1) | (n & 48)
-
-    @gluon.jit
     def _spread_queries(n):
-        """The query order of the near kernel's score tiles whose keys are in _spread order (SPREAD_ORDER, BLOCK 64):
-        row n holds query _spread_queries(n). With keys in _spread order a load of C2P's skewed read takes its 4
-        columns 2 and 4 keys apart (4 and 8 words), so its 8 rows must fall on banks {0, 1, 2, 3, 16, ..., 19}:
-        queries 2 apart in two runs 32 apart. Bits 0 ... 5 of n go to bits 1, 2, 5, 0, 3, 4."""
+        """The query order of the near kernel's score tiles (BLOCK 64), whose keys are in _spread order: row n holds
+        query _spread_queries(n) of the block (Q is loaded and the rows written in this order). A load instruction of
+        the skewed reads (`_read_skewed` with SCORE_ORDER, both terms straight in the MMA layout) takes 8
+        consecutive rows and 4 columns n = 2c + 8k + e, keys 2 and 4 apart: for C2P's read (row pitch 129 two-byte
+        elements) 4 and 8 words apart, so its 8 rows must fall on banks {0, 1, 2, 3, 16, ..., 19}: queries 2 apart,
+        in two runs 32 apart; P2C's read (keys' rows 16 and 32 apart: banks 8 and 16) takes them as they come.
+        Neighbouring queries were 64.5 words apart, on one bank every other time (v43). Bits 0 ... 5 of n go to bits
+        1, 2, 5, 0, 3, 4."""
         return ((n & 3) << 1) | (((n >> 2) & 1) << 5) | ((n >> 3) & 1) | (((n >> 4) & 3) << 3)
 
-    # The orders of a score tile's keys and queries that _read_skewed can read into (ORDER): NATURAL (the window
-    # band); KEY_ORDER, keys in _key_order and queries in _query_order (v43: K is copied twice, in key order for
-    # Q.Kᵀ and P.V and in _spread order for P2C's product); SPREAD_ORDER, keys in _spread order and queries in
-    # _spread_queries (one copy of K serves all three products).
-    NATURAL = gl.constexpr(0)
-    KEY_ORDER = gl.constexpr(1)
-    SPREAD_ORDER = gl.constexpr(2)
-
-    @gluon.jit
-    def _score_keys(n, ORDER: gl.constexpr):
-        """The key of the block a score tile's column n holds under ORDER."""
-        if ORDER == KEY_ORDER:
-            return _key_order(n)
-        else:
-            return _spread(n)
-
-    @gluon.jit
-    def _score_queries(n, ORDER: gl.constexpr):
-        """The query of the block a score tile's row n holds under ORDER."""
-        if ORDER == KEY_ORDER:
-            return _query_order(n)
-        else:
-            return _spread_queries(n)
-
     @gluon.constexpr_function
-    def _skewed_read_layout(block, win, order, transpose):
-        """The padded view (row pitch win + 1) that _read_skewed reads; its keys (the rows for transpose, else the
-        columns of the second half) and queries (the columns of the second half for transpose, else the rows) in
-        the score tile's order `order`: buffer bits 0 ... 5 of the key hold the tile's keys 8, 1, 16, 32, 2, 4
-        (KEY_ORDER) or 8, 16, 1, 2, 4, 32 (SPREAD_ORDER), those of the query its queries 8, 1, 2, 4, 16, 32
-        (KEY_ORDER) or 8, 1, 2, 16, 32, 4 (SPREAD_ORDER)."""
-        if order == NATURAL.value:
+    def _skewed_read_layout(block, win, score_order, transpose):
+        """The padded view (row pitch win + 1) that _read_skewed reads; with score_order its keys (the rows for
+        transpose, else the columns of the second half) in _spread order and its queries (the columns of the second
+        half for transpose, else the rows) in _spread_queries: buffer bits 0 ... 5 of the key hold the tile's keys
+        8, 16, 1, 2, 4, 32, those of the query its queries 8, 1, 2, 16, 32, 4."""
+        if not score_order:
             return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
         assert block == 64, "the score tile orders are written for 64-row blocks"
-        keys = [8, 1, 16, 32, 2, 4] if order == KEY_ORDER.value else [8, 16, 1, 2, 4, 32]
-        queries = [8, 1, 2, 4, 16, 32] if order == KEY_ORDER.value else [8, 1, 2, 16, 32, 4]
+        keys = [8, 16, 1, 2, 4, 32]
+        queries = [8, 1, 2, 16, 32, 4]
         if transpose:
             cols = [[0, q] for q in queries] + [[0, block]]
             rows = [[k, 0] for k in keys]
@@ -178,7 +137,7 @@ if gluon is not None:
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                  ORDER: gl.constexpr = NATURAL, FREE: gl.constexpr = False):
+                  SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
         where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
         stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
@@ -186,22 +145,22 @@ if gluon is not None:
         2 * BLOCK + 1: view row t, column BLOCK + c is P[t, BLOCK - t + c] (with TRANSPOSE view row c, column
         BLOCK + r is P[c, BLOCK + r - c]). The reads take one element at a time, so the odd pitch is no
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
-        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. ORDER other than
-        NATURAL: out's column c is key _score_keys(c, ORDER) and its row r query _score_queries(r, ORDER), both reads
-        are straight in out_l and neither has bank conflicts. FREE: see _product_buffer."""
+        (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. SCORE_ORDER (the
+        near kernel): out's column c is key _spread(c) and its row r query _spread_queries(r), both reads are
+        straight in out_l and neither has bank conflicts (ncu, v44). FREE: see _product_buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.store(prod.to(dtype))
-        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, ORDER)
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, SCORE_ORDER)
 
     @gluon.jit
     def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     ORDER: gl.constexpr = NATURAL, FREE: gl.constexpr = False):
+                     SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
         not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.slice(0, BLOCK, dim=1).store(lo)
         p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
-        return _read_skewed(p_s, dtype, False, BLOCK, out_l, ORDER)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l, SCORE_ORDER)
 
     @gluon.jit
     def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr, FREE: gl.constexpr = False):
@@ -215,15 +174,15 @@ if gluon is not None:
 
     @gluon.jit
     def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     ORDER: gl.constexpr):
+                     SCORE_ORDER: gl.constexpr):
         """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order)."""
         WIN: gl.constexpr = 2 * BLOCK
-        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, ORDER, TRANSPOSE)
+        rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, SCORE_ORDER, TRANSPOSE)
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:
             return view.permute((1, 0)).load(out_l).to(gl.float32)
-        elif ORDER != NATURAL:  # read straight in out_l (the score tile orders)
+        elif SCORE_ORDER:  # read straight in out_l (the near kernel's score tile orders)
             return view.load(out_l).to(gl.float32)
         else:
             row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])

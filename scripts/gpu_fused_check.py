@@ -452,9 +452,6 @@ def main():
                         help="only the A/B of fa.SATURATED_TMA (False against True, alternating), then stop")
     parser.add_argument("--overlap-near-tail", action="store_true",
                         help="only the A/B of fa.OVERLAP_NEAR_TAIL (False against True, alternating), then stop")
-    parser.add_argument("--score-order", action="store_true",
-                        help="only the A/B of near_attention.SCORE_ORDER (window_band.KEY_ORDER against SPREAD_ORDER, "
-                             "alternating), with 32 x 512 end to end as well, then stop")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
@@ -509,17 +506,6 @@ def main():
         return
     if args.overlap_near_tail:
         flag_ab("OVERLAP_NEAR_TAIL", [False, True, False, True])
-        return
-    if args.score_order:
-        orders = [window_band.KEY_ORDER.value, window_band.SPREAD_ORDER.value]
-        flag_ab("SCORE_ORDER", orders * 2, near_attention)
-        original = near_attention.SCORE_ORDER
-        try:
-            for value in orders:
-                near_attention.SCORE_ORDER = value
-                end_to_end([512], [32], label=f"SCORE_ORDER={value}")
-        finally:
-            near_attention.SCORE_ORDER = original
         return
     if args.programs_per_sm:
         flag_ab("PROGRAMS_PER_SM", args.programs_per_sm, near_attention)
