@@ -40,6 +40,13 @@ except ImportError:  # a Triton without Gluon: the Triton path is used
 BLOCK = 64
 HEAD_DIMS = (64, 128)
 
+# The near kernel's skews (`_skew_mma` with SCORE_ORDER) as bit tables: bit b of a buffer index holds the tile's
+# row, key or query of value TABLE[b]. SPREAD_BITS: the window products' rows in the buffer (`_spread`) and the
+# score tile's keys; SPREAD_QUERY_BITS: the score tile's queries (`_spread_queries`). scripts/skew_banks.py counts
+# the bank conflicts they give (none; ncu agrees, NOTES.md v43 / v44).
+SPREAD_BITS = (8, 16, 1, 2, 4, 32)
+SPREAD_QUERY_BITS = (8, 1, 2, 16, 32, 4)
+
 
 def supported(qkv: torch.Tensor, head_dim: int, block_m: int, block_n: int) -> bool:
     """Whether this kernel can make the band for these inputs (else the Triton path does). Asked once per layer
@@ -116,8 +123,8 @@ if gluon is not None:
         if not score_order:
             return gl.PaddedSharedLayout.with_identity_for([[win, 1]], [block, win], [1, 0])
         assert block == 64, "the score tile orders are written for 64-row blocks"
-        keys = [8, 16, 1, 2, 4, 32]
-        queries = [8, 1, 2, 16, 32, 4]
+        keys = list(SPREAD_BITS)
+        queries = list(SPREAD_QUERY_BITS)
         if transpose:
             cols = [[0, q] for q in queries] + [[0, block]]
             rows = [[k, 0] for k in keys]
@@ -132,7 +139,7 @@ if gluon is not None:
         bits to [row, column]: buffer row bits 0 ... 5 hold logical rows 8, 16, 1, 2, 4, 32."""
         assert block == 64, "_spread is written for 64-row blocks"
         cols = [[0, 1 << n] for n in range(win.bit_length() - 1)]
-        rows = [[8, 0], [16, 0], [1, 0], [2, 0], [4, 0], [32, 0]]
+        rows = [[r, 0] for r in SPREAD_BITS]
         return gl.PaddedSharedLayout([[win, 2]], cols + rows, [], [block, win])
 
     @gluon.jit

@@ -600,3 +600,16 @@ def test_fused_script_on_tiny_config():
     assert "PASS: fused vs Hugging Face FP32" in proc.stdout and "median ms" in proc.stdout
     bad = run_script("deberta_fused_inference.py", "--shape", "tiny", "--seq-len", "1")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ")
+
+
+def test_skew_bank_model():
+    """scripts/skew_banks.py's bank model: the committed orders of the near kernel's skews (window_band.SPREAD_BITS,
+    SPREAD_QUERY_BITS) give every store and read of a warp one wavefront, and the model does see a conflict: the
+    order of v17 ... v42 (queries in their own order) reads C2P in two, as ncu counted (NOTES.md, v43)."""
+    banks = _script("skew_banks")
+    committed = banks.accesses(banks.wb.SPREAD_BITS, banks.wb.SPREAD_BITS, banks.wb.SPREAD_QUERY_BITS)
+    assert committed == {"product stores": 1.0, "C2P read": 1.0, "P2C read": 1.0}
+    old = banks.accesses(banks.wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), banks.NATURAL)
+    assert old["C2P read"] == 2.0 and old["P2C read"] == 1.0
+    # A query order that is not a permutation of the rows cannot hide a conflict: every order is a bijection.
+    assert sorted(banks.buffer_index(n, banks.wb.SPREAD_QUERY_BITS) for n in range(64)) == list(range(64))

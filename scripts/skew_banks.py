@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Shared-memory wavefronts of the near kernel's skews, by a bank model (no GPU): for each of its four accesses
+(the two window products' four-byte stores, C2P's and P2C's two-byte skewed reads) and a choice of orders, the mean
+number of wavefronts a warp's instruction takes (1 is conflict-free).
+
+The model: a wgmma accumulator's lane l of warp w holds rows 16w + 8h + l // 4 and columns 8k + 2(l % 4) + e; a
+shared access takes as many wavefronts as the most distinct four-byte words on one of 32 banks. The buffers are
+those of `window_band._skew_mma`: products stored at a row pitch of 130 two-byte elements, read at 129 from column
+64 on. Orders are bit tables (`window_band.SPREAD_BITS`): bit b of a buffer index holds the tile index TABLE[b].
+It reproduces ncu's counts of the orders measured (NOTES.md: v40's 2-way C2P read in the order of v17 ... v42, none
+in v43 and v44).
+
+    python scripts/skew_banks.py
+"""
+
+import itertools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deberta_tools import fused_attention, report  # noqa: E402
+
+wb = fused_attention.window_band  # (imported through fused_attention: window_band alone would import in a circle)
+
+NATURAL = (1, 2, 4, 8, 16, 32)
+# (name, the product rows' buffer order, the score tile's keys, its queries)
+ORDERS = [
+    ("v17 ... v42 (keys in key order)", wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), NATURAL),
+    ("v43 (and queries in query order)", wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), (8, 1, 2, 4, 16, 32)),
+    ("committed (v44: keys spread)", wb.SPREAD_BITS, wb.SPREAD_BITS, wb.SPREAD_QUERY_BITS),
+]
+
+
+def buffer_index(n: int, bits) -> int:
+    """The buffer index holding tile index n under a bit table."""
+    return sum(1 << b for b, value in enumerate(bits) if n & value)
+
+
+def wavefronts(words) -> int:
+    banks = {}
+    for word in words:
+        banks.setdefault(word % 32, set()).add(word)
+    return max(len(held) for held in banks.values())
+
+
+def mean_wavefronts(halfword, width: int, columns=(0, 1)) -> float:
+    """Mean over a warpgroup's instructions on a [64, width] tile of the wavefronts of halfword(row, column) // 2
+    for its 32 lanes."""
+    counts = [wavefronts([halfword(16 * w + 8 * h + l // 4, 8 * k + 2 * (l % 4) + e) // 2 for l in range(32)])
+              for w, h, k, e in itertools.product(range(4), range(2), range(width // 8), columns)]
+    return sum(counts) / len(counts)
+
+
+def accesses(rows, keys, queries) -> dict:
+    """Mean wavefronts of the four skew accesses under these orders."""
+    key = {c: buffer_index(c, keys) for c in range(64)}
+    query = {n: buffer_index(n, queries) for n in range(64)}
+    # Stores: pairs of columns (e = 0) of the [64, 128] product, row n at buffer row buffer_index(n, rows).
+    store = mean_wavefronts(lambda n, c: buffer_index(n, rows) * 130 + c, 128, columns=(0,))
+    reads = {"C2P read": lambda n, c: query[n] * 129 + 64 + key[c],
+             "P2C read": lambda n, c: key[c] * 129 + 64 + query[n]}
+    return {"product stores": store, **{name: mean_wavefronts(f, 64) for name, f in reads.items()}}
+
+
+def main():
+    rows = [[name] + [f"{v:.2f}" for v in accesses(*orders).values()] for name, *orders in ORDERS]
+    print(report.table(["orders", "product stores", "C2P read", "P2C read"], rows))
+
+
+if __name__ == "__main__":
+    main()
