@@ -160,7 +160,6 @@ if wb.gluon is not None:
         # second copy of Q (once); the score tile's columns hold the block's keys in the same order, so one copy of
         # each K block serves Q.Kᵀ and P2C's product (v44; K, V and the key mask are loaded in that order).
         spread = wb._spread(rows)
-        # P2C): K, V and the key mask are loaded in that order.
         keys = spread
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,

@@ -107,11 +107,11 @@ if gluon is not None:
         """The query order of the near kernel's score tiles (BLOCK 64), whose keys are in _spread order: row n holds
         query _spread_queries(n) of the block (Q is loaded and the rows written in this order). A load instruction of
         the skewed reads (`_read_skewed` with SCORE_ORDER, both terms straight in the MMA layout) takes 8
-        consecutive rows and 4 columns n = 2c + 8k + e, keys 2 and 4 apart: for C2P's read (row pitch 129 two-byte
-        elements) 4 and 8 words apart, so its 8 rows must fall on banks {0, 1, 2, 3, 16, ..., 19}: queries 2 apart,
-        in two runs 32 apart; P2C's read (keys' rows 16 and 32 apart: banks 8 and 16) takes them as they come.
-        Neighbouring queries were 64.5 words apart, on one bank every other time (v43). Bits 0 ... 5 of n go to bits
-        1, 2, 5, 0, 3, 4."""
+        consecutive rows and 4 columns 2c + 8k + e, keys 8 and 16 apart: 4 and 8 words apart in C2P's read (row
+        pitch 129 two-byte elements), and their rows 4 and 8 banks apart in P2C's, so in both the 8 rows must fall
+        on banks {0, 1, 2, 3, 16, ..., 19}: queries 2 apart, in two runs 32 apart. Neighbouring queries, 64.5 words
+        apart in C2P's read, shared a bank every other time (v43). Bits 0 ... 5 of n go to bits 1, 2, 5, 0, 3, 4;
+        scripts/skew_banks.py counts the conflicts of any order."""
         return ((n & 3) << 1) | (((n >> 2) & 1) << 5) | ((n >> 3) & 1) | (((n >> 4) & 3) << 3)
 
     @gluon.constexpr_function

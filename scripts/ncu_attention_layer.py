@@ -36,7 +36,9 @@ def main():
     ranges = fa.valid_ranges(mask)
     q, k, v = qkv.view(1, seq, 3, heads, dim).permute(2, 0, 3, 1, 4).contiguous()
 
-    module, flag = (near_attention, args.flag.split(".", 1)[1]) if args.flag and "." in args.flag else (fa, args.flag)
+    module, flag = fa, args.flag
+    if flag and flag.startswith("near_attention."):
+        module, flag = near_attention, flag.split(".", 1)[1]
 
     def fused(value=False):
         if flag:
