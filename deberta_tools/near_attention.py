@@ -84,8 +84,7 @@ if wb.gluon is not None:
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, C2P_ACC: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -221,23 +220,11 @@ if wb.gluon is not None:
             if HAS_C2P:
                 up_t = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
                                      gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False, is_async=True)
-            if C2P_ACC and HAS_C2P:
-                # C2P's skew as Q.Kᵀ's accumulator (v46): P2C's product runs while C2P is skewed, then Q.Kᵀ adds to it.
-                if HAS_P2C:
-                    p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
-                upper = warpgroup_mma_wait(HAS_P2C, deps=[up_t]).to(dtype)
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
-                c2p_half = upper
-                s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), c2p, use_acc=True, is_async=True)
-                s = warpgroup_mma_wait(0, deps=[s_t])
-            else:
-                s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
-                                    is_async=True)
-                if HAS_P2C:
-                    p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
-            if C2P_ACC and HAS_C2P:
-                pass
-            elif HAS_C2P:
+            s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
+                                is_async=True)
+            if HAS_P2C:
+                p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
+            if HAS_C2P:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
@@ -368,9 +355,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# C2P's skew as the accumulator of Q.Kᵀ (v46, being measured): Q.Kᵀ waits for the skew, one add a score less.
-C2P_ACCUMULATOR = False
-
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -392,6 +376,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, C2P_ACC=C2P_ACCUMULATOR,
-        num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

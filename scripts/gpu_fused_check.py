@@ -452,9 +452,6 @@ def main():
                         help="only the A/B of fa.SATURATED_TMA (False against True, alternating), then stop")
     parser.add_argument("--overlap-near-tail", action="store_true",
                         help="only the A/B of fa.OVERLAP_NEAR_TAIL (False against True, alternating), then stop")
-    parser.add_argument("--c2p-accumulator", action="store_true",
-                        help="only the A/B of near_attention.C2P_ACCUMULATOR (False against True, alternating), with "
-                             "32 x 512 end to end as well, then stop")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
@@ -509,13 +506,6 @@ def main():
         return
     if args.overlap_near_tail:
         flag_ab("OVERLAP_NEAR_TAIL", [False, True, False, True])
-        return
-    if args.c2p_accumulator:
-        flag_ab("C2P_ACCUMULATOR", [False, True, False, True], near_attention)
-        for value in (False, True):
-            near_attention.C2P_ACCUMULATOR = value
-            end_to_end([512], [32], label=f"C2P_ACCUMULATOR={value}")
-        near_attention.C2P_ACCUMULATOR = False
         return
     if args.programs_per_sm:
         flag_ab("PROGRAMS_PER_SM", args.programs_per_sm, near_attention)
