@@ -265,6 +265,7 @@ def flag_ab(flag, settings, module=fa):
         for value in values:
             setattr(module, flag, value)
             end_to_end([1024, 1536, 2048, 8192], [1], label=f"{flag}={value}")
+            end_to_end([512], [32], label=f"{flag}={value}")
     finally:
         setattr(module, flag, original)
 
@@ -456,6 +457,11 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
+    parser.add_argument("--sum-in-dtype", action="store_true",
+                        help="A/B of near_attention.SUM_IN_DTYPE (v47): the two position terms added in fp16 / bf16")
+    parser.add_argument("--overlap-rows", type=int, nargs=2, metavar=("ROWS", "WARPS"),
+                        help="A/B of fused_attention.OVERLAP_ROWS (v48): the default against ROWS query rows and WARPS "
+                             "warps a program of the kernel after the near kernel when it overlaps it")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -512,6 +518,13 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
+        return
+    if args.sum_in_dtype:
+        flag_ab("SUM_IN_DTYPE", [False, True, False, True], near_attention)
+        return
+    if args.overlap_rows:
+        rows = tuple(args.overlap_rows)
+        flag_ab("OVERLAP_ROWS", [None, rows, None, rows])
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",
