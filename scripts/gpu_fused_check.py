@@ -459,9 +459,9 @@ def main():
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--sum-in-dtype", action="store_true",
                         help="A/B of near_attention.SUM_IN_DTYPE (v47): the two position terms added in fp16 / bf16")
-    parser.add_argument("--overlap-rows", type=int, nargs=2, metavar=("ROWS", "WARPS"),
-                        help="A/B of fused_attention.OVERLAP_ROWS (v48): the default against ROWS query rows and WARPS "
-                             "warps a program of the kernel after the near kernel when it overlaps it")
+    parser.add_argument("--overlap-rows", type=int, nargs="+", metavar="ROWS WARPS",
+                        help="A/B of fused_attention.OVERLAP_ROWS (v48): the default against each pair of ROWS query "
+                             "rows and WARPS warps a program of the kernel after the near kernel when it overlaps it")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -523,8 +523,8 @@ def main():
         flag_ab("SUM_IN_DTYPE", [False, True, False, True], near_attention)
         return
     if args.overlap_rows:
-        rows = tuple(args.overlap_rows)
-        flag_ab("OVERLAP_ROWS", [None, rows, None, rows])
+        pairs = [tuple(args.overlap_rows[n:n + 2]) for n in range(0, len(args.overlap_rows) - 1, 2)]
+        flag_ab("OVERLAP_ROWS", [None, *pairs] * 2)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",
