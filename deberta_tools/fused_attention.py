@@ -484,7 +484,7 @@ def _attention_kernel(
     programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
     vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
     OVERLAP_NEAR_TAIL). NEAR_BLOCK (NEAR_STATE, a multiple of BLOCK_M): the near kernel's query rows a block, whose
-    near key blocks this program's rows leave to it (OVERLAP_ROWS)."""
+    near key blocks this program's rows leave to it (OVERLAP_TILES)."""
     if RECORD:
         started = program_times.now()
         waited = tl.zeros([], tl.int64)
@@ -670,9 +670,9 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 OVERLAP_NEAR_TAIL = True
 
 
-# Query rows and warps a program of the attention kernel takes when it overlaps the near kernel's tail (None: the
-# default tiles' 64 and 4). Fewer rows make more, shorter programs, which may pack the layer's end better (v48).
-OVERLAP_ROWS: tuple[int, int] | None = None
+# Query rows, warps and stages of the attention kernel when it overlaps the near kernel's tail (None: the default
+# tiles'). 32 rows a program (v48, mma.sync) took one layer at 1 x 2048 from 47.3 to 60.1 us on an H100.
+OVERLAP_TILES: tuple[int, int, int] | None = None
 
 
 def _overlaps(device: torch.device, programs: int) -> bool:
@@ -880,8 +880,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         programs = triton.cdiv(seq, tiles.block_m) * batch * g
         overlap = near_state and _overlaps(qkv.device, programs)
         run = tiles
-        if overlap and OVERLAP_ROWS is not None:
-            run = Tiles(OVERLAP_ROWS[0], tiles.block_n, OVERLAP_ROWS[1], tiles.num_stages)
+        if overlap and OVERLAP_TILES is not None:
+            run = Tiles(OVERLAP_TILES[0], tiles.block_n, OVERLAP_TILES[1], OVERLAP_TILES[2])
             programs = triton.cdiv(seq, run.block_m) * batch * g
         times = program_times.buffer("attention", programs, qkv.device)
         if positions is None:  # every key block "saturated": only the key mask is added

@@ -79,24 +79,12 @@ if wb.gluon is not None:
             _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
 
     @gluon.jit
-    def _add_in(a, b):
-        """a + b in their dtype (fp16 or bf16), one element at a time: Triton's own add pairs the elements first
-        (PRMT), which costs more than it saves here, where each element comes from its own two-byte load."""
-        if a.dtype == gl.float16:
-            return gl.inline_asm_elementwise("add.rn.f16 $0, $1, $2;", "=h,h,h", [a, b], dtype=gl.float16,
-                                             is_pure=True, pack=1)
-        else:
-            return gl.inline_asm_elementwise("add.rn.bf16 $0, $1, $2;", "=h,h,h", [a, b], dtype=gl.bfloat16,
-                                             is_pure=True, pack=1)
-
-    @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, SUM_IN_DTYPE: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -236,18 +224,13 @@ if wb.gluon is not None:
                                 is_async=True)
             if HAS_P2C:
                 p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
-            # With both terms and SUM_IN_DTYPE, C2P's skew stays in dtype until P2C's is read (v47).
-            BOTH: gl.constexpr = SUM_IN_DTYPE and HAS_C2P and HAS_P2C
             if HAS_C2P:
                 upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
-                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True, BOTH)
+                c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
                 c2p_half = upper
-                if BOTH:
-                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
-                else:
-                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
+                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
             if HAS_P2C:
@@ -259,10 +242,7 @@ if wb.gluon is not None:
                            BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
-                if BOTH:  # the two terms added in dtype (two at a time), one conversion to float32
-                    s += _add_in(c2p, wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True, True)).to(gl.float32)
-                else:
-                    s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
+                s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
             if (blk < full_first) | (blk >= full_end):
                 # The key mask, only where a key of this block may be padded or outside the sequence (the Triton
                 # kernel's rule, `fa._unmasked_blocks`): a block between the first and last token of a sequence
@@ -375,12 +355,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# Whether the near kernel adds its two skewed position terms (C2P's and P2C's, both read back from shared memory in
-# the input dtype) to each other in that dtype and converts their sum to float32 once, instead of converting each
-# and adding both to the float32 scores (v47).
-SUM_IN_DTYPE = False
-
-
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -402,6 +376,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents,
-        SUM_IN_DTYPE=SUM_IN_DTYPE, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

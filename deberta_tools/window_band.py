@@ -144,7 +144,7 @@ if gluon is not None:
 
     @gluon.jit
     def _skew_mma(prod, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                  SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, RAW: gl.constexpr = False):
+                  SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """out[r, c] = P[r, BLOCK - r + c], or with TRANSPOSE P[c, BLOCK + r - c], in out_l, through shared memory,
         where P is the tile's product and prod holds its rows in _spread order (prod[n] = P[_spread(n)]). prod is
         stored straight from its MMA layout, row n at buffer row _spread(n) (so buffer row t is P's row t) with a
@@ -154,21 +154,20 @@ if gluon is not None:
         misaligned access: TRANSPOSE down columns, straight in out_l; else along rows, lanes on consecutive columns
         (read in out_l the compiler pairs elements, misaligned in odd rows), then converted to out_l. SCORE_ORDER (the
         near kernel): out's column c is key _spread(c) and its row r query _spread_queries(r), both reads are
-        straight in out_l and neither has bank conflicts (ncu, v44). FREE: see _product_buffer. RAW: out in dtype, as
-        stored, instead of float32."""
+        straight in out_l and neither has bank conflicts (ncu, v44). FREE: see _product_buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.store(prod.to(dtype))
-        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, SCORE_ORDER, RAW)
+        return _read_skewed(p_s, dtype, TRANSPOSE, BLOCK, out_l, SCORE_ORDER)
 
     @gluon.jit
     def _skew_halves(lo, hi, dtype: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False, RAW: gl.constexpr = False):
+                     SCORE_ORDER: gl.constexpr = False, FREE: gl.constexpr = False):
         """_skew_mma of the product [lo | hi] (two [BLOCK, BLOCK] halves in _spread row order, already in dtype),
         not TRANSPOSE: each half stored straight from its MMA layout into its columns of the padded buffer."""
         p_s = _product_buffer(dtype, BLOCK, FREE)
         p_s.slice(0, BLOCK, dim=1).store(lo)
         p_s.slice(BLOCK, BLOCK, dim=1).store(hi)
-        return _read_skewed(p_s, dtype, False, BLOCK, out_l, SCORE_ORDER, RAW)
+        return _read_skewed(p_s, dtype, False, BLOCK, out_l, SCORE_ORDER)
 
     @gluon.jit
     def _product_buffer(dtype: gl.constexpr, BLOCK: gl.constexpr, FREE: gl.constexpr = False):
@@ -182,19 +181,16 @@ if gluon is not None:
 
     @gluon.jit
     def _read_skewed(p_s, dtype: gl.constexpr, TRANSPOSE: gl.constexpr, BLOCK: gl.constexpr, out_l: gl.constexpr,
-                     SCORE_ORDER: gl.constexpr, RAW: gl.constexpr = False):
-        """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order), float32 or
-        (RAW, TRANSPOSE or SCORE_ORDER only) in dtype."""
+                     SCORE_ORDER: gl.constexpr):
+        """The skewed read of _skew_mma from the stored buffer p_s (buffer rows in the tile's order)."""
         WIN: gl.constexpr = 2 * BLOCK
         rd_l: gl.constexpr = _skewed_read_layout(BLOCK, WIN, SCORE_ORDER, TRANSPOSE)
         gl.thread_barrier()
         view = p_s._reinterpret(dtype, [BLOCK, WIN], rd_l).slice(BLOCK, BLOCK, dim=1)
         if TRANSPOSE:
-            out = view.permute((1, 0)).load(out_l)
-            return out if RAW else out.to(gl.float32)
+            return view.permute((1, 0)).load(out_l).to(gl.float32)
         elif SCORE_ORDER:  # read straight in out_l (the near kernel's score tile orders)
-            out = view.load(out_l)
-            return out if RAW else out.to(gl.float32)
+            return view.load(out_l).to(gl.float32)
         else:
             row_l: gl.constexpr = gl.BlockedLayout([16, 1], [1, 32], [BLOCK // 16, 1], [1, 0])
             return gl.convert_layout(view.load(row_l), out_l).to(gl.float32)

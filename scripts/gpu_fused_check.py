@@ -457,11 +457,9 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
-    parser.add_argument("--sum-in-dtype", action="store_true",
-                        help="A/B of near_attention.SUM_IN_DTYPE (v47): the two position terms added in fp16 / bf16")
-    parser.add_argument("--overlap-rows", type=int, nargs="+", metavar="ROWS WARPS",
-                        help="A/B of fused_attention.OVERLAP_ROWS (v48): the default against each pair of ROWS query "
-                             "rows and WARPS warps a program of the kernel after the near kernel when it overlaps it")
+    parser.add_argument("--overlap-tiles", type=int, nargs="+", metavar="ROWS WARPS STAGES",
+                        help="A/B of fused_attention.OVERLAP_TILES: the default against each triple of query rows, "
+                             "warps and stages of the kernel after the near kernel when it overlaps it")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -519,12 +517,9 @@ def main():
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
         return
-    if args.sum_in_dtype:
-        flag_ab("SUM_IN_DTYPE", [False, True, False, True], near_attention)
-        return
-    if args.overlap_rows:
-        pairs = [tuple(args.overlap_rows[n:n + 2]) for n in range(0, len(args.overlap_rows) - 1, 2)]
-        flag_ab("OVERLAP_ROWS", [None, *pairs] * 2)
+    if args.overlap_tiles:
+        triples = [tuple(args.overlap_tiles[n:n + 3]) for n in range(0, len(args.overlap_tiles) - 2, 3)]
+        flag_ab("OVERLAP_TILES", [None, *triples] * 2)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",
