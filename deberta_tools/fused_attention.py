@@ -475,7 +475,7 @@ def _attention_kernel(
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, NEAR_STATE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, MASKED_STAGES: tl.constexpr, RECORD: tl.constexpr, TMA: tl.constexpr,
-    OVERLAP: tl.constexpr, NEAR_BLOCK: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Out rows of one query block: the saturated key blocks here (C2P from EDGES, P2C from P2C_POS's rows TOP and 0,
     `_attend_run`), the near ones from BAND's tiles, or (NEAR_STATE) starting from the softmax states over the near
@@ -483,8 +483,7 @@ def _attention_kernel(
     blocks). RECORD: each program's times into TIMES (`program_times`). OVERLAP (with NEAR_STATE, launched as a
     programmatic dependent of the near kernel): the saturated runs before the near kernel has finished, with their C2P
     vectors from C2P_POS here instead of EDGES, then `griddepcontrol.wait` and the near states (see
-    OVERLAP_NEAR_TAIL). NEAR_BLOCK (NEAR_STATE, a multiple of BLOCK_M): the near kernel's query rows a block, whose
-    near key blocks this program's rows leave to it (OVERLAP_TILES)."""
+    OVERLAP_NEAR_TAIL)."""
     if RECORD:
         started = program_times.now()
         waited = tl.zeros([], tl.int64)
@@ -527,15 +526,8 @@ def _attention_kernel(
     full_first, full_end = _unmasked_blocks(first, last, holes, BLOCK_N)
     # Key blocks in order: saturated at the top index (every i - j >= SAT_HI), near the diagonal, saturated at
     # index 0 (every i - j <= SAT_LO).
-    if NEAR_BLOCK == BLOCK_M:
-        i0_near = i0
-        any_query = tl.max(qvalid.to(tl.int32), 0) > 0
-    else:  # the near blocks of the near kernel's block of rows holding these (its rule, over all its rows)
-        i0_near = i0 // NEAR_BLOCK * NEAR_BLOCK
-        i_near = i0_near + tl.arange(0, NEAR_BLOCK)
-        any_query = tl.max((tl.load(MASK_B + i_near, mask=i_near < S, other=0) != 0).to(tl.int32), 0) > 0
-    blk_first, hi_end, lo_start, blk_end = _key_blocks(i0_near, any_query, first, last, S, SAT_HI, SAT_LO, NEAR_BLOCK,
-                                                       BLOCK_N)
+    blk_first, hi_end, lo_start, blk_end = _key_blocks(i0, tl.max(qvalid.to(tl.int32), 0) > 0, first, last, S,
+                                                       SAT_HI, SAT_LO, BLOCK_M, BLOCK_N)
     near_first = _near_first(i0, SAT_HI, BLOCK_N)
     # This row block's slab of the near band: key block near_first + k at columns k * BLOCK_N.
     BAND_ROW = BAND + pid_bg.to(tl.int64) * stride_band_bg + i * (NB * BLOCK_N) - near_first * BLOCK_N
@@ -668,11 +660,6 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 # products unless the masked loops are pipelined (MASKED_LOOP_STAGES), and those take the kernel from 148 to 189
 # registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
 OVERLAP_NEAR_TAIL = True
-
-
-# Query rows, warps and stages of the attention kernel when it overlaps the near kernel's tail (None: the default
-# tiles'). 32 rows a program (v48, mma.sync) took one layer at 1 x 2048 from 47.3 to 60.1 us on an H100.
-OVERLAP_TILES: tuple[int, int, int] | None = None
 
 
 def _overlaps(device: torch.device, programs: int) -> bool:
@@ -878,12 +865,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
         # be: a zeroing launch between the two stops the overlap (one sat there in every recording before v41b).
         programs = triton.cdiv(seq, tiles.block_m) * batch * g
-        overlap = near_state and _overlaps(qkv.device, programs)
-        run = tiles
-        if overlap and OVERLAP_TILES is not None:
-            run = Tiles(OVERLAP_TILES[0], tiles.block_n, OVERLAP_TILES[1], OVERLAP_TILES[2])
-            programs = triton.cdiv(seq, run.block_m) * batch * g
         times = program_times.buffer("attention", programs, qkv.device)
+        overlap = near_state and _overlaps(qkv.device, programs)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -907,7 +890,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
-        grid = (triton.cdiv(seq, run.block_m), batch * g)
+        grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         _attention_kernel[grid[::-1] if near_state else grid](
             qkv, qkv.stride(0), qkv.stride(1),
@@ -919,11 +902,11 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             seq, heads, h0, g, sat_hi, sat_lo, factor * _LOG2E, qkv if times is None else times,
             qkv if kv_desc is None else kv_desc, c2p_pos, c2p_pos.stride(0), c2p_pos.stride(1),
             HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, NEAR_STATE=near_state,
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=run.block_m,
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles.block_m,
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
-            TMA=kv_desc is not None, OVERLAP=overlap, NEAR_BLOCK=window_band.BLOCK if near_state else run.block_m,
-            num_warps=run.num_warps, num_stages=run.num_stages, launch_pdl=overlap)
+            TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            launch_pdl=overlap)
     return out
 
 

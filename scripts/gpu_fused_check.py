@@ -238,7 +238,7 @@ def flag_ab(flag, settings, module=fa):
     first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with
     1000 and 700 and a hole; the values differ only in how the same products are scheduled or summed, so they must
     agree to fp16 rounding); then one attention layer at 1 x 768 ... 4096, 2 x 1024 and 4 x 2048 against SDPA, and
-    the whole model at 1 x 1024, 1536, 2048, 8192, per value."""
+    the whole model at 1 x 1024, 1536, 2048, 8192 and 32 x 512, per value."""
     original = getattr(module, flag)
     values = list(dict.fromkeys(settings))
     try:
@@ -457,9 +457,6 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
-    parser.add_argument("--overlap-tiles", type=int, nargs="+", metavar="ROWS WARPS STAGES",
-                        help="A/B of fused_attention.OVERLAP_TILES: the default against each triple of query rows, "
-                             "warps and stages of the kernel after the near kernel when it overlaps it")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -516,10 +513,6 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
-        return
-    if args.overlap_tiles:
-        triples = [tuple(args.overlap_tiles[n:n + 3]) for n in range(0, len(args.overlap_tiles) - 2, 3)]
-        flag_ab("OVERLAP_TILES", [None, *triples] * 2)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",

@@ -11,7 +11,7 @@ kernel launched as a programmatic dependent of the one before it, how long its p
 end (from reaching `griddepcontrol.wait` to the last end recorded in the kernel before).
 
     python scripts/gpu_program_times.py [--seq-len 1024 2048 4096] [--batch-size 1] [--csv DIR] [--eager]
-                                        [--overlap-programs-per-sm N] [--no-overlap] [--overlap-tiles M W S]
+                                        [--overlap-programs-per-sm N] [--no-overlap]
 
 Recorded in a CUDA graph (since v40; v34 and v36 recorded from the host, where a kernel launched as a programmatic
 dependent starts only when the host gets to it, so their "gap before" was host time and no overlap showed).
@@ -72,21 +72,16 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
-    parser.add_argument("--overlap-tiles", type=int, nargs=3, metavar=("ROWS", "WARPS", "STAGES"),
-                        help="fused_attention.OVERLAP_TILES for the run (default: the module's)")
     args = parser.parse_args()
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
-    if args.overlap_tiles:
-        fa.OVERLAP_TILES = tuple(args.overlap_tiles)
     if args.no_overlap:
         fa.OVERLAP_NEAR_TAIL = False
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
           triton.__version__)
     print(f"recorded {'from the host' if args.eager else 'in a CUDA graph'}; OVERLAP_NEAR_TAIL "
-          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}, OVERLAP_TILES "
-          f"{fa.OVERLAP_TILES}")
+          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}")
     rows = []
     for seq in args.seq_len:
         launches, plain = recorded_layer(seq, args.batch_size, eager=args.eager)
