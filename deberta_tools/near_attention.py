@@ -47,8 +47,6 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.language.extra.cuda import gdc_launch_dependents
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                    warpgroup_mma_wait)
@@ -66,65 +64,33 @@ if wb.gluon is not None:
 
     @gluon.jit
     def _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, rows, wins, dd, i0,
-                   stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, POS_DESC, WIN_DESC, bars, c2p_row0, p2c_row0,
-                   HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FIRST: gl.constexpr, BLOCK: gl.constexpr,
-                   WIN_TMA: gl.constexpr):
+                   stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr,
+                   FIRST: gl.constexpr, BLOCK: gl.constexpr):
         """The copies of the program's near block n (first key j0) that its products read, not committed: K in the
         score tile's key order (_spread, which P2C's product takes too); for P2C its window; for C2P its window's
         upper half into slot (n + 1) % 2 (the lower half is the previous block's, kept in registers), and with FIRST
-        (n = 0) the lower half too. WIN_TMA: the windows through the tensor descriptors POS_DESC and WIN_DESC (rows
-        c2p_row0 + ... and p2c_row0 + ... of the position rows as [rows, D], [BLOCK, D] and [2 * BLOCK, D] boxes),
-        completing phase n of their own barriers bars[0] (C2P's) and bars[1] (P2C's), which `_expect_windows` armed
-        before the block barrier that precedes this: a copy into a buffer another copy or an armed barrier touched
-        since the last block barrier gets a block barrier of its own from the compiler."""
+        (n = 0) the lower half too."""
         _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
-        if WIN_TMA:
-            if HAS_C2P:
-                if FIRST:
-                    tma.async_copy_global_to_shared(POS_DESC, [c2p_row0 + c2p_first, 0], bars[0], wc_s.index(0))
-                tma.async_copy_global_to_shared(POS_DESC, [c2p_row0 + c2p_first + (n + 1) * BLOCK, 0], bars[0],
-                                                wc_s.index((n + 1) % 2))
-            if HAS_P2C:
-                tma.async_copy_global_to_shared(WIN_DESC, [p2c_row0 + wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK),
-                                                           0], bars[1], wp_s)
-        else:
-            if HAS_C2P:
-                if FIRST:
-                    _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
-            if HAS_P2C:
-                _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
-
-    @gluon.jit
-    def _expect_windows(bars, BOX: gl.constexpr, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FIRST: gl.constexpr):
-        """Arm the windows' barriers (WIN_TMA) for the bytes of a block's copies (`_copy_keys`)."""
         if HAS_C2P:
-            mbarrier.expect(bars[0], BOX * (1 + FIRST))
+            if FIRST:
+                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+            _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
         if HAS_P2C:
-            mbarrier.expect(bars[1], 2 * BOX)
-
-    @gluon.jit
-    def _wait_windows(bars, phase, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr):
-        if HAS_C2P:
-            mbarrier.wait(bars[0], phase)
-        if HAS_P2C:
-            mbarrier.wait(bars[1], phase)
+            _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
 
     @gluon.jit
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES, POS_DESC, WIN_DESC,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, WIN_TMA: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
         `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
-        context, instead. WIN_TMA: the position windows come through POS_DESC and WIN_DESC (`window_descriptors`), not
-        cp.async.
+        context, instead.
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
         takes as they are)."""
         if RECORD:
@@ -220,27 +186,13 @@ if wb.gluon is not None:
         # two blocks beyond both saturation bounds), so the windows are consecutive.
         c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
-        # The windows' barriers (WIN_TMA), two allocations: the copies for block n complete their phase n.
-        bars = (gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()),
-                gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout()))
-        BOX: gl.constexpr = BLOCK * HEAD_DIM * dtype.primitive_bitwidth // 8
-        c2p_row0 = 0
-        p2c_row0 = 0
-        if WIN_TMA:
-            for k in gl.static_range(2):
-                mbarrier.init(bars[k], count=1)
-            c2p_row0 = (C2P_TERM * stride_pos_t + h * stride_pos_h) // stride_pos_p
-            p2c_row0 = (P2C_TERM * stride_pos_t + h * stride_pos_h) // stride_pos_p
-            _expect_windows(bars, BOX, HAS_C2P, HAS_P2C, True)
-            gl.thread_barrier()
         # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's V
         # (into the other of V's two slots) right after this block's first barrier, its K and windows as soon as this
         # block's products have read them; both land while the rest of this block runs, and one wait and barrier at
         # the top of each block covers all of them.
         if start < stop:
             _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, rows, wins, dd,
-                       i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, POS_DESC, WIN_DESC, bars, c2p_row0,
-                       p2c_row0, HAS_C2P, HAS_P2C, True, BLOCK, WIN_TMA)
+                       i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, True, BLOCK)
             async_copy.commit_group()
             _copy_tile(v_s.index(0), qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
@@ -248,8 +200,6 @@ if wb.gluon is not None:
                 async_copy.wait_group(1)
                 fence_async_shared()
                 gl.thread_barrier()
-                if WIN_TMA:
-                    _wait_windows(bars, 0, HAS_C2P, False)
                 c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
                                          gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
         for blk in range(start, stop):
@@ -257,8 +207,6 @@ if wb.gluon is not None:
             n = blk - start
             more = blk + 1 < stop
             async_copy.wait_group(0)  # this block's K, windows and V
-            if WIN_TMA:
-                _wait_windows(bars, n % 2, HAS_C2P, HAS_P2C)
             fence_async_shared()
             gl.thread_barrier()
             if more:
@@ -287,13 +235,11 @@ if wb.gluon is not None:
                 s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
             if HAS_P2C:
                 p2c = warpgroup_mma_wait(0, deps=[p2c_t])
-            if WIN_TMA and more:  # before the barrier: none of its own before the copies (see _copy_keys)
-                _expect_windows(bars, BOX, HAS_C2P, HAS_P2C, False)
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:  # the next block's; its upper half goes where this block's lower half was
                 _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys, rows,
-                           wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, POS_DESC, WIN_DESC,
-                           bars, c2p_row0, p2c_row0, HAS_C2P, HAS_P2C, False, BLOCK, WIN_TMA)
+                           wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, False,
+                           BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
                 s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
@@ -313,9 +259,6 @@ if wb.gluon is not None:
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
 
-        if WIN_TMA:
-            for k in gl.static_range(2):
-                mbarrier.invalidate(bars[k])
         r_o = i0 + wb._spread_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l)))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
         if FINAL:  # as the Triton kernel ends
@@ -412,25 +355,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
     return out
 
 
-# Whether the near kernel copies its position windows (C2P's half and P2C's window a key block) through a TMA
-# descriptor and an mbarrier instead of cp.async, where the head size is 64 (v50): the cp.async copies' address
-# arithmetic and predicates are ~110 of the loop's 769 instructions (sm_90 SASS), the windows' ~50 of them.
-WINDOW_TMA = False
-
-
-def window_descriptors(pos: torch.Tensor, head_dim: int):
-    """TMA descriptors of the position rows (`window_band.by_distance`) as [rows, D], with [BLOCK, D] boxes (C2P's
-    half window) and [2 * BLOCK, D] ones (P2C's window) in the near kernel's layouts of its windows, or None
-    (WINDOW_TMA off, a head size other than 64)."""
-    if not WINDOW_TMA or head_dim != 64 or not pos.is_contiguous():
-        return None
-    dtype = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[pos.dtype]
-    rows = pos.view(-1, head_dim)
-    return tuple(TensorDescriptor.from_tensor(rows, [n, head_dim], gl.NVMMASharedLayout.get_default_for([n, head_dim],
-                                                                                                         dtype))
-                 for n in (wb.BLOCK, 2 * wb.BLOCK))
-
-
 # Register cap per thread for the near kernel (ptxas .maxnreg), None for the compiler's choice (231-250 for head
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
@@ -445,15 +369,12 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
     edge_strides = (0, 0) if final else (edges.stride(0), edges.stride(1))
     grid = (triton.cdiv(seq, wb.BLOCK) * splits, batch * group)
     times = program_times.buffer("near", grid[0] * grid[1], qkv.device)
-    descs = window_descriptors(pos, head_dim)
     _near_attention_kernel[grid if final else grid[::-1]](
         qkv, qkv.stride(0), qkv.stride(1), pos, pos.stride(0), pos.stride(1), pos.stride(2),
         positions.c2p_term or 0, positions.p2c_term or 0,
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
-        *((pos, pos) if descs is None else descs),
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
-        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents,
-        WIN_TMA=descs is not None, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -9,7 +9,7 @@ serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
                                       [--masked-loop-stages N] [--record-times] [--saturated-tma]
-                                      [--no-overlap-near-tail] [--window-tma]
+                                      [--no-overlap-near-tail]
 """
 
 import argparse
@@ -62,8 +62,6 @@ def _source(fn, args, kwargs):
             attrs[(n,)] = [["tt.divisibility", 16]]
         elif isinstance(value, TensorDescriptor):
             signature[name] = f"tensordesc<{_TYPES[value.base.dtype]}{list(value.block_shape)}>"
-        elif hasattr(value, "layout") and hasattr(value, "block_shape"):  # Gluon's descriptor: its layout too
-            signature[name] = f"tensordesc<{_TYPES[value.base.dtype]}{list(value.block_shape)},{value.layout!r}>"
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -144,15 +142,12 @@ def main():
                         help="fused_attention.SATURATED_TMA: unmasked saturated blocks through a tensor descriptor")
     parser.add_argument("--no-overlap-near-tail", action="store_true",
                         help="fused_attention.OVERLAP_NEAR_TAIL off: the kernel after the near kernel not its dependent")
-    parser.add_argument("--window-tma", action="store_true",
-                        help="near_attention.WINDOW_TMA: the near kernel's position windows through a TMA descriptor")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
     fa.SATURATED_TMA = args.saturated_tma
     fa.OVERLAP_NEAR_TAIL = not args.no_overlap_near_tail
-    near_attention.WINDOW_TMA = args.window_tma
     if args.record_times:
         program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
