@@ -8,7 +8,7 @@ shared access takes as many wavefronts as the most distinct four-byte words on o
 those of `window_band._skew_mma`: products stored at a row pitch of 130 two-byte elements, read at 129 from column
 64 on. Orders are bit tables (`window_band.SPREAD_BITS`): bit b of a buffer index holds the tile index TABLE[b].
 It reproduces ncu's counts of the orders measured (NOTES.md: v40's 2-way C2P read in the order of v17 ... v42, none
-in v43 and v44).
+in v43 and v44). A second table counts the same for NOTES.md item 1's shared P2C product (`shared_p2c`).
 
     python scripts/skew_banks.py
 """
@@ -62,9 +62,27 @@ def accesses(rows, keys, queries) -> dict:
     return {"product stores": store, **{name: mean_wavefronts(f, 64) for name, f in reads.items()}}
 
 
+def shared_p2c(rows, keys, queries, blocks: int = 2, pitch: int = 258) -> dict:
+    """NOTES.md item 1's shape: one P2C product [64 keys, 64 (blocks + 1) distances] serving `blocks` query blocks of
+    64 (a warpgroup each), stored at a row pitch of `pitch` two-byte elements and read by each block at pitch - 1 from
+    column 64 (g + 1) on. Gluon's padded layouts pad at power-of-two intervals, so a 192-column product sits in a
+    256-column buffer: pitch 258 / 257."""
+    key = {c: buffer_index(c, keys) for c in range(64)}
+    query = {n: buffer_index(n, queries) for n in range(64)}
+    out = {"product stores": mean_wavefronts(lambda n, c: buffer_index(n, rows) * pitch + c, 64 * (blocks + 1),
+                                             columns=(0,))}
+    for g in range(blocks):
+        out[f"P2C read, block {g}"] = mean_wavefronts(lambda n, c: key[c] * (pitch - 1) + 64 * (g + 1) + query[n], 64)
+    return out
+
+
 def main():
     rows = [[name] + [f"{v:.2f}" for v in accesses(*orders).values()] for name, *orders in ORDERS]
     print(report.table(["orders", "product stores", "C2P read", "P2C read"], rows))
+    committed = (wb.SPREAD_BITS, wb.SPREAD_BITS, wb.SPREAD_QUERY_BITS)
+    rows = [[str(pitch)] + [f"{v:.2f}" for v in shared_p2c(*committed, pitch=pitch).values()] for pitch in (258, 194)]
+    print("\nNOTES.md item 1 (one [64, 192] P2C product for two query blocks), committed orders:")
+    print(report.table(["store pitch", "product stores", "P2C read, block 0", "P2C read, block 1"], rows))
 
 
 if __name__ == "__main__":

@@ -605,10 +605,15 @@ def test_fused_script_on_tiny_config():
 def test_skew_bank_model():
     """scripts/skew_banks.py's bank model: the committed orders of the near kernel's skews (window_band.SPREAD_BITS,
     SPREAD_QUERY_BITS) give every store and read of a warp one wavefront, and the model does see a conflict: the
-    order of v17 ... v42 (queries in their own order) reads C2P in two, as ncu counted (NOTES.md, v43)."""
+    order of v17 ... v42 (queries in their own order) reads C2P in two, as ncu counted (NOTES.md, v43). The same orders
+    keep NOTES.md item 1's shared [64, 192] P2C product conflict-free at the pitch its notes name (258 / 257), and not
+    at a pitch of 256."""
     banks = _script("skew_banks")
-    committed = banks.accesses(banks.wb.SPREAD_BITS, banks.wb.SPREAD_BITS, banks.wb.SPREAD_QUERY_BITS)
+    orders = (banks.wb.SPREAD_BITS, banks.wb.SPREAD_BITS, banks.wb.SPREAD_QUERY_BITS)
+    committed = banks.accesses(*orders)
     assert committed == {"product stores": 1.0, "C2P read": 1.0, "P2C read": 1.0}
+    assert set(banks.shared_p2c(*orders, pitch=258).values()) == {1.0}
+    assert banks.shared_p2c(*orders, pitch=256)["product stores"] == 8.0
     old = banks.accesses(banks.wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), banks.NATURAL)
     assert old["C2P read"] == 2.0 and old["P2C read"] == 1.0
     # The bit tables are the kernel's own orders (its Gluon functions, evaluated on integers) and permute the 64
