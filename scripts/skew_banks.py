@@ -80,7 +80,7 @@ def main():
     rows = [[name] + [f"{v:.2f}" for v in accesses(*orders).values()] for name, *orders in ORDERS]
     print(report.table(["orders", "product stores", "C2P read", "P2C read"], rows))
     committed = (wb.SPREAD_BITS, wb.SPREAD_BITS, wb.SPREAD_QUERY_BITS)
-    rows = [[str(pitch)] + [f"{v:.2f}" for v in shared_p2c(*committed, pitch=pitch).values()] for pitch in (258, 194)]
+    rows = [[str(pitch)] + [f"{v:.2f}" for v in shared_p2c(*committed, pitch=pitch).values()] for pitch in (258, 256)]
     print("\nNOTES.md item 1 (one [64, 192] P2C product for two query blocks), committed orders:")
     print(report.table(["store pitch", "product stores", "P2C read, block 0", "P2C read, block 1"], rows))
 
