@@ -51,24 +51,28 @@ def mean_wavefronts(halfword, width: int, columns=(0, 1)) -> float:
     return sum(counts) / len(counts)
 
 
+def _tile_orders(keys, queries) -> tuple[dict, dict]:
+    """The buffer index of each of the tile's 64 keys and 64 queries under their bit tables."""
+    return {c: buffer_index(c, keys) for c in range(64)}, {n: buffer_index(n, queries) for n in range(64)}
+
+
 def accesses(rows, keys, queries) -> dict:
-    """Mean wavefronts of the four skew accesses under these orders."""
-    key = {c: buffer_index(c, keys) for c in range(64)}
-    query = {n: buffer_index(n, queries) for n in range(64)}
-    # Stores: pairs of columns (e = 0) of the [64, 128] product, row n at buffer row buffer_index(n, rows).
-    store = mean_wavefronts(lambda n, c: buffer_index(n, rows) * 130 + c, 128, columns=(0,))
-    reads = {"C2P read": lambda n, c: query[n] * 129 + 64 + key[c],
-             "P2C read": lambda n, c: key[c] * 129 + 64 + query[n]}
-    return {"product stores": store, **{name: mean_wavefronts(f, 64) for name, f in reads.items()}}
+    """Mean wavefronts of the four skew accesses under these orders: the [64, 128] products' stores (pitch 130) and
+    P2C's read (129) as `shared_p2c` counts them for one query block, and C2P's read (129)."""
+    p2c = shared_p2c(rows, keys, queries, blocks=1, pitch=130)
+    key, query = _tile_orders(keys, queries)
+    return {"product stores": p2c["product stores"],
+            "C2P read": mean_wavefronts(lambda n, c: query[n] * 129 + 64 + key[c], 64),
+            "P2C read": p2c["P2C read, block 0"]}
 
 
 def shared_p2c(rows, keys, queries, blocks: int = 2, pitch: int = 258) -> dict:
-    """NOTES.md item 1's shape: one P2C product [64 keys, 64 (blocks + 1) distances] serving `blocks` query blocks of
-    64 (a warpgroup each), stored at a row pitch of `pitch` two-byte elements and read by each block at pitch - 1 from
-    column 64 (g + 1) on. Gluon's padded layouts pad at power-of-two intervals, so a 192-column product sits in a
-    256-column buffer: pitch 258 / 257."""
-    key = {c: buffer_index(c, keys) for c in range(64)}
-    query = {n: buffer_index(n, queries) for n in range(64)}
+    """One P2C product [64 keys, 64 (blocks + 1) distances] serving `blocks` query blocks of 64 (a warpgroup each),
+    stored straight from its MMA layout (pairs of columns, row n at buffer row buffer_index(n, rows)) at a row pitch
+    of `pitch` two-byte elements and read by each block at pitch - 1 from column 64 (g + 1) on. The near kernel's is
+    one block at pitch 130; NOTES.md item 1's shape is two: Gluon's padded layouts pad at power-of-two intervals, so
+    its 192-column product sits in a 256-column buffer, pitch 258 / 257."""
+    key, query = _tile_orders(keys, queries)
     out = {"product stores": mean_wavefronts(lambda n, c: buffer_index(n, rows) * pitch + c, 64 * (blocks + 1),
                                              columns=(0,))}
     for g in range(blocks):
