@@ -160,7 +160,6 @@ if wb.gluon is not None:
         # second copy of Q (once); the score tile's columns hold the block's keys in the same order, so one copy of
         # each K block serves Q.Kᵀ and P2C's product (v44; K, V and the key mask are loaded in that order).
         spread = wb._spread(rows)
-        keys = spread
         if HAS_C2P:
             qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
                                              wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
@@ -191,10 +190,10 @@ if wb.gluon is not None:
         # block's products have read them; both land while the rest of this block runs, and one wait and barrier at
         # the top of each block covers all of them.
         if start < stop:
-            _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, keys, rows, wins, dd,
+            _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, spread, rows, wins, dd,
                        i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, True, BLOCK)
             async_copy.commit_group()
-            _copy_tile(v_s.index(0), qkv_b, start * BLOCK + keys, stride_qkv_s, v_col, dd, S)
+            _copy_tile(v_s.index(0), qkv_b, start * BLOCK + spread, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
             if HAS_C2P:
                 async_copy.wait_group(1)
@@ -213,7 +212,7 @@ if wb.gluon is not None:
                 # The next block's V into the other slot, read last by the previous block's P.V (done: every warp
                 # waited for it before the barrier above). Issued here, it lands while this whole block runs, and
                 # this block's P.V needs no wait and no barrier of its own (v27).
-                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + keys, stride_qkv_s, v_col, dd, S)
+                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + spread, stride_qkv_s, v_col, dd, S)
                 async_copy.commit_group()
             # The three products issued back to back (asynchronous wgmma): C2P's half first, skewed while Q.Kᵀ and
             # P2C's product are still on the tensor cores (v25).
@@ -237,7 +236,7 @@ if wb.gluon is not None:
                 p2c = warpgroup_mma_wait(0, deps=[p2c_t])
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:  # the next block's; its upper half goes where this block's lower half was
-                _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, keys, rows,
+                _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, spread, rows,
                            wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, False,
                            BLOCK)
                 async_copy.commit_group()
