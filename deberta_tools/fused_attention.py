@@ -661,12 +661,21 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 # registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
 OVERLAP_NEAR_TAIL = True
 
+# Registers a thread of the attention kernel may take when it overlaps the near kernel (ptxas's maxnreg), None for
+# ptxas's own choice (189 for the demo config, sm_90). A near program holds half an H100 multiprocessor's register
+# file (255 a thread, 4 warps), so at 189 one of this kernel's programs fits beside it and at 128 two do: all of
+# them can then start as soon as the near kernel lets them, instead of as its last programs end. Compiled for sm_90
+# at 128: 128 bytes of spill, none inside the key-block loops.
+OVERLAP_REGISTERS = None
+# The largest attention grid, in programs a multiprocessor, that overlaps the near kernel.
+OVERLAP_GRID_PER_SM = 2
+
 
 def _overlaps(device: torch.device, programs: int) -> bool:
     """OVERLAP_NEAR_TAIL where it can run and pays: compiled on a GPU with programmatic dependent launch (9.0 and
-    up), for an attention kernel grid of `programs` that fits in 2 a multiprocessor."""
+    up), for an attention kernel grid of `programs` that fits in OVERLAP_GRID_PER_SM a multiprocessor."""
     return (OVERLAP_NEAR_TAIL and not INTERPRET and _sm90_or_newer(device)
-            and programs <= 2 * near_attention._multiprocessors(device))
+            and programs <= OVERLAP_GRID_PER_SM * near_attention._multiprocessors(device))
 
 
 def _sm90_or_newer(device: torch.device) -> bool:
@@ -906,7 +915,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
             TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            launch_pdl=overlap)
+            launch_pdl=overlap, **({"maxnreg": OVERLAP_REGISTERS} if overlap and OVERLAP_REGISTERS else {}))
     return out
 
 

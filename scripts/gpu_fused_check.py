@@ -457,6 +457,10 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
+    parser.add_argument("--overlap-registers", type=int, nargs="+", metavar="N",
+                        help="A/B of fa.OVERLAP_REGISTERS over these values (0: no cap), alternating")
+    parser.add_argument("--overlap-grid-per-sm", type=int, nargs="+", metavar="N",
+                        help="A/B of fa.OVERLAP_GRID_PER_SM over these values, alternating")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -513,6 +517,12 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
+        return
+    if args.overlap_registers:
+        flag_ab("OVERLAP_REGISTERS", [n or None for n in args.overlap_registers])
+        return
+    if args.overlap_grid_per_sm:
+        flag_ab("OVERLAP_GRID_PER_SM", args.overlap_grid_per_sm)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",

@@ -72,7 +72,15 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
+    parser.add_argument("--overlap-registers", type=int,
+                        help="fused_attention.OVERLAP_REGISTERS for the run (default: the module's)")
+    parser.add_argument("--overlap-grid-per-sm", type=int,
+                        help="fused_attention.OVERLAP_GRID_PER_SM for the run (default: the module's)")
     args = parser.parse_args()
+    if args.overlap_registers is not None:
+        fa.OVERLAP_REGISTERS = args.overlap_registers or None
+    if args.overlap_grid_per_sm is not None:
+        fa.OVERLAP_GRID_PER_SM = args.overlap_grid_per_sm
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
     if args.no_overlap:
@@ -81,7 +89,8 @@ def main():
     print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
           triton.__version__)
     print(f"recorded {'from the host' if args.eager else 'in a CUDA graph'}; OVERLAP_NEAR_TAIL "
-          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}")
+          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}, "
+          f"OVERLAP_REGISTERS {fa.OVERLAP_REGISTERS}, OVERLAP_GRID_PER_SM {fa.OVERLAP_GRID_PER_SM}")
     rows = []
     for seq in args.seq_len:
         launches, plain = recorded_layer(seq, args.batch_size, eager=args.eager)

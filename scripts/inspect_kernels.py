@@ -9,7 +9,7 @@ serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
                                       [--masked-loop-stages N] [--record-times] [--saturated-tma]
-                                      [--no-overlap-near-tail]
+                                      [--no-overlap-near-tail] [--overlap-registers N]
 """
 
 import argparse
@@ -142,12 +142,15 @@ def main():
                         help="fused_attention.SATURATED_TMA: unmasked saturated blocks through a tensor descriptor")
     parser.add_argument("--no-overlap-near-tail", action="store_true",
                         help="fused_attention.OVERLAP_NEAR_TAIL off: the kernel after the near kernel not its dependent")
+    parser.add_argument("--overlap-registers", type=int, default=fa.OVERLAP_REGISTERS,
+                        help="fused_attention.OVERLAP_REGISTERS: the overlapping attention kernel's register cap")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
     fa.SATURATED_TMA = args.saturated_tma
     fa.OVERLAP_NEAR_TAIL = not args.no_overlap_near_tail
+    fa.OVERLAP_REGISTERS = args.overlap_registers
     if args.record_times:
         program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
