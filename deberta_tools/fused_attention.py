@@ -51,7 +51,7 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import near_attention, program_times, window_band
+from . import near_attention, program_times, saturated_attention, window_band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -661,21 +661,12 @@ def _kv_descriptor(qkv: torch.Tensor, head_dim: int, block_n: int) -> TensorDesc
 # registers (3 programs a multiprocessor to 2; compiled for sm_90, demo config).
 OVERLAP_NEAR_TAIL = True
 
-# Registers a thread of the attention kernel may take when it overlaps the near kernel (ptxas's maxnreg), None for
-# ptxas's own choice (189 for the demo config, sm_90). A near program holds half an H100 multiprocessor's register
-# file (255 a thread, 4 warps), so at 189 one of this kernel's programs fits beside it and at 128 two do: all of
-# them can then start as soon as the near kernel lets them, instead of as its last programs end. Compiled for sm_90
-# at 128: 128 bytes of spill, none inside the key-block loops.
-OVERLAP_REGISTERS = None
-# The largest attention grid, in programs a multiprocessor, that overlaps the near kernel.
-OVERLAP_GRID_PER_SM = 2
-
 
 def _overlaps(device: torch.device, programs: int) -> bool:
     """OVERLAP_NEAR_TAIL where it can run and pays: compiled on a GPU with programmatic dependent launch (9.0 and
-    up), for an attention kernel grid of `programs` that fits in OVERLAP_GRID_PER_SM a multiprocessor."""
+    up), for an attention kernel grid of `programs` that fits in 2 a multiprocessor."""
     return (OVERLAP_NEAR_TAIL and not INTERPRET and _sm90_or_newer(device)
-            and programs <= OVERLAP_GRID_PER_SM * near_attention._multiprocessors(device))
+            and programs <= 2 * near_attention._multiprocessors(device))
 
 
 def _sm90_or_newer(device: torch.device) -> bool:
@@ -899,6 +890,10 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
+        if overlap and saturated_attention.ENABLED:  # the Gluon twin of this kernel's OVERLAP path
+            saturated_attention.attend(qkv, positions, acc, ml, mask, ranges, out, heads, head_dim, h0, g, sat,
+                                       factor * _LOG2E)
+            continue
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         _attention_kernel[grid[::-1] if near_state else grid](
@@ -915,7 +910,7 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
             BLOCK_N=tiles.block_n, DOT_PRECISION=_dot_precision(qkv.dtype),
             MASKED_STAGES=_masked_stages(near_state and not overlap, qkv.device), RECORD=times is not None,
             TMA=kv_desc is not None, OVERLAP=overlap, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            launch_pdl=overlap, **({"maxnreg": OVERLAP_REGISTERS} if overlap and OVERLAP_REGISTERS else {}))
+            launch_pdl=overlap)
     return out
 
 
