@@ -890,9 +890,9 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
-        if overlap and saturated_attention.ENABLED:  # the Gluon twin of this kernel's OVERLAP path
+        if overlap and saturated_attention.takes(head_dim):  # the Gluon twin of this kernel's OVERLAP path
             saturated_attention.attend(qkv, positions, acc, ml, mask, ranges, out, heads, head_dim, h0, g, sat,
-                                       factor * _LOG2E)
+                                       factor * _LOG2E, times)
             continue
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)

@@ -1,14 +1,15 @@
-"""The saturated tiles after the near kernel, with each block's products overlapping its softmax (Gluon, Hopper).
+"""The saturated tiles after the near kernel, two warpgroups to a query block (Gluon, Hopper).
 
 Where `fused_attention.OVERLAP_NEAR_TAIL` holds, the kernel after the near kernel starts while the near kernel's last
 programs run, does each query block's saturated key blocks (plain flash tiles: the run's P2C row added to the
 queries once, its C2P column a per-row offset of the exponent, `fused_attention._attend_run`), then waits for the
 near kernel and merges its softmax states. At 1 x 2048 tokens of the demo config its last programs start ~31 µs
-into the layer and run ~18 µs (~1 µs a 64 x 64 tile), which sets the layer's end (results/fused-attention-h100/
-NOTES.md, v44 and v51). The Triton kernel runs each tile's chain Q.Kᵀ -> softmax -> P.V one step after the other;
-here, as in FlashAttention-3's loop within one warpgroup, block n's Q.Kᵀ and block n-1's P.V are issued together
-(asynchronous wgmma) and block n's softmax runs while P.V is on the tensor cores. K and V are copied to shared
-memory two blocks ahead (cp.async, a ring of STAGES slots).
+into the layer and run ~18 µs, ~1 µs a 64 x 64 tile for one warpgroup alone on its multiprocessor, which sets the
+layer's end (results/fused-attention-h100/NOTES.md, v44, v51, v52). Here each program is two warpgroups (Gluon's
+`warp_specialize`): each takes half of both runs' key blocks with its own online softmax, K / V ring (cp.async,
+STAGES slots) and query, and the halves are merged through shared memory before the near states. At 128
+registers a thread the program holds as many registers as one warpgroup at 255, so it fits beside a near program
+as the Triton kernel does.
 
 Same grid, order, inputs and results as `fused_attention._attention_kernel` with NEAR_STATE and OVERLAP (the
 interpreter cannot run Gluon: CI compiles it for sm_90 and the GPU tests compare it with the Triton kernel).
@@ -26,9 +27,13 @@ if wb.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
     from triton.language.extra.cuda import gdc_wait
+
+    @gluon.constexpr_function
+    def _mma_layout(width, num_warps):
+        """wgmma's accumulator layout for [64, width] tiles on num_warps warps."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, width, 16])
 
     @gluon.jit
     def _copy_block(k_s, v_s, qkv_b, j, stride_qkv_s, k_col, v_col, dd, S):
@@ -40,30 +45,14 @@ if wb.gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _step(s, m_i, l_i, row_vec, qk_scale, j0, mask_b, S, full_first, full_end, blk, cols):
-        """Block blk's online-softmax step on its scores s: (p, alpha, m_i, l_i), the key mask added only where a key
-        of the block may be padded or past S (`fused_attention._unmasked_blocks`)."""
-        if (blk < full_first) | (blk >= full_end):
-            key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
-            s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale + row_vec)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s * qk_scale - (m_safe - row_vec)[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-    @gluon.jit
     def _run(acc, m_i, l_i, q, q_s, k_s, v_s, p2c_row, row_vec, start, end, full_first, full_end, qkv_b,
              stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, keys, dd,
-             HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr,
-             num_warps: gl.constexpr):
+             HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr):
         """Saturated key blocks [start, end) at one relative index: the query takes the run's P2C row once, row_vec
-        (its C2P column) is a per-row offset of the exponent."""
+        (its C2P column) is a per-row offset of the exponent. K and V are copied STAGES - 1 blocks ahead."""
         dtype: gl.constexpr = q.dtype
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
+        s_l: gl.constexpr = _mma_layout(BLOCK, gl.num_warps())
+        o_l: gl.constexpr = _mma_layout(HEAD_DIM, gl.num_warps())
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l))
         if start < end:
@@ -72,9 +61,7 @@ if wb.gluon is not None:
                 q = (q.to(gl.float32) + gl.load(p2c_row + dd).to(gl.float32)[None, :]).to(dtype)
             gl.thread_barrier()  # every warp is done with the previous run's query and ring
             q_s.store(q)
-            # The first STAGES - 2 blocks' copies; then each block issues the copy STAGES - 2 blocks ahead of it,
-            # into the slot of the block two before it (its P.V waited for before this block's barrier).
-            for t in gl.static_range(STAGES - 2):
+            for t in gl.static_range(STAGES - 1):
                 if t < n_blocks:
                     _copy_block(k_s.index(t), v_s.index(t), qkv_b, (start + t) * BLOCK + keys, stride_qkv_s,
                                 k_col, v_col, dd, S)
@@ -82,44 +69,96 @@ if wb.gluon is not None:
                     async_copy.commit_group()
             row_vec = row_vec * qk_scale
             zeros = gl.zeros([BLOCK, BLOCK], gl.float32, s_l)
-            # Block start: Q.Kᵀ alone.
-            async_copy.wait_group(STAGES - 3)
-            fence_async_shared()
-            gl.thread_barrier()
-            if STAGES - 2 < n_blocks:
-                _copy_block(k_s.index(STAGES - 2), v_s.index(STAGES - 2), qkv_b, (start + STAGES - 2) * BLOCK + keys,
-                            stride_qkv_s, k_col, v_col, dd, S)
-            else:
-                async_copy.commit_group()
-            s = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zeros, use_acc=False)
-            p, alpha, m_i, l_i = _step(s, m_i, l_i, row_vec, qk_scale, start * BLOCK, mask_b, S, full_first, full_end,
-                                       start, cols)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-            p_prev = gl.convert_layout(p.to(dtype), p_l)
-            for n in range(1, n_blocks):
+            for n in range(n_blocks):
                 blk = start + n
-                async_copy.wait_group(STAGES - 3)  # block n's K and V
+                j0 = blk * BLOCK
+                async_copy.wait_group(STAGES - 2)  # block n's K and V
                 fence_async_shared()
-                gl.thread_barrier()  # ... every warp's; every warp done with block n - 2's slot
-                ahead = n + STAGES - 2
+                gl.thread_barrier()  # ... every warp's; every warp done with block n - 1's slot
+                ahead = n + STAGES - 1
                 if ahead < n_blocks:
                     _copy_block(k_s.index(ahead % STAGES), v_s.index(ahead % STAGES), qkv_b,
                                 (start + ahead) * BLOCK + keys, stride_qkv_s, k_col, v_col, dd, S)
                 else:
                     async_copy.commit_group()
-                # Block n's Q.Kᵀ and block n - 1's P.V go to the tensor cores together; the softmax of block n runs
-                # while P.V does.
-                s_t = warpgroup_mma(q_s, k_s.index(n % STAGES).permute((1, 0)), zeros, use_acc=False, is_async=True)
-                o_t = warpgroup_mma(p_prev, v_s.index((n - 1) % STAGES), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s_t])
-                p, alpha, m_i, l_i = _step(s, m_i, l_i, row_vec, qk_scale, blk * BLOCK, mask_b, S, full_first,
-                                           full_end, blk, cols)
-                acc = warpgroup_mma_wait(0, deps=[o_t])
+                s = warpgroup_mma(q_s, k_s.index(n % STAGES).permute((1, 0)), zeros, use_acc=False)
+                if (blk < full_first) | (blk >= full_end):  # a key of the block may be padded or past S
+                    key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
+                    s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale + row_vec)
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                p = gl.exp2(s * qk_scale - (m_safe - row_vec)[:, None])
+                alpha = gl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                m_i = m_new
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-                p_prev = gl.convert_layout(p.to(dtype), p_l)
-            acc = warpgroup_mma(p_prev, v_s.index((n_blocks - 1) % STAGES), acc)
+                acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % STAGES), acc)
             async_copy.wait_group(0)  # the empty groups past the run's end
         return acc, m_i, l_i
+
+    @gluon.jit
+    def _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
+              blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
+              HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+              STAGES: gl.constexpr):
+        """One warpgroup's softmax state (acc, m, l) over half of each saturated run of the query block at i0: the
+        first half of its blocks for part 0, the rest for part 1."""
+        num_warps: gl.constexpr = gl.num_warps()
+        ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
+        s_l: gl.constexpr = _mma_layout(BLOCK, num_warps)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_l)
+        rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
+        dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+        q = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S)
+        c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
+        c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
+        if HAS_C2P:  # the runs' C2P columns: position_tables' arithmetic
+            qf = q.to(gl.float32)
+            top = gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dd).to(gl.float32)
+            c2p_top = gl.convert_layout(gl.sum(qf * top[None, :], 1), row_s)
+            c2p_zero = gl.convert_layout(gl.sum(qf * gl.load(C2P_POS + pos_h + dd).to(gl.float32)[None, :], 1), row_s)
+        m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK], gl.float32, row_s)
+        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, _mma_layout(HEAD_DIM, num_warps))
+        k_col = (H + h) * HEAD_DIM
+        v_col = (2 * H + h) * HEAD_DIM
+        hi_mid = blk_first + (hi_end - blk_first + 1) // 2
+        lo_mid = lo_start + (blk_end - lo_start + 1) // 2
+        a0 = gl.where(part == 0, blk_first, hi_mid)
+        a1 = gl.where(part == 0, hi_mid, hi_end)
+        b0 = gl.where(part == 0, lo_start, lo_mid)
+        b1 = gl.where(part == 0, lo_mid, blk_end)
+        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top, a0, a1,
+                             full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
+                             HAS_P2C, HEAD_DIM, STAGES, BLOCK)
+        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h, c2p_zero, b0, b1,
+                             full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
+                             HAS_P2C, HEAD_DIM, STAGES, BLOCK)
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _first_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+                    stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
+                    HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+                    STAGES: gl.constexpr):
+        """The default partition: part 0's state, returned."""
+        return _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p,
+                     TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
+                     HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
+
+    @gluon.jit
+    def _second_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+                     stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
+                     HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
+                     STAGES: gl.constexpr):
+        """The worker partition: part 1's state, left in shared memory (acc_s; ml_s rows 0 and 1: max and sum) for
+        the default partition after the join."""
+        acc, m_i, l_i = _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+                              stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H,
+                              qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
+        acc_s.store(acc)
+        ml_s.index(0).store(m_i)
+        ml_s.index(1).store(l_i)
 
     @gluon.jit
     def _saturated_kernel(
@@ -128,9 +167,9 @@ if wb.gluon is not None:
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
         STAGES: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """OUT rows of one query block: its saturated runs (top index, then index 0), then, once the near kernel
-        has finished (`griddepcontrol.wait`), its SPLITS near states from ACC / ML merged in. Grid (B * G, query
-        blocks), the query blocks from both ends inwards (the most saturated blocks first)."""
+        """OUT rows of one query block: its saturated runs (top index, then index 0) split between two warpgroups,
+        then, once the near kernel has finished (`griddepcontrol.wait`), its SPLITS near states from ACC / ML merged
+        in. Grid (B * G, query blocks), the query blocks from both ends inwards (the most saturated blocks first)."""
         if RECORD:
             started = program_times.now()
         pid_bg = gl.program_id(0)
@@ -145,9 +184,7 @@ if wb.gluon is not None:
         dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
         qkv_b = QKV + b * stride_qkv_b
         mask_b = MASK + b * stride_mask_b
-        i = i0 + rows
-        q = wb._load_tile(qkv_b, i, stride_qkv_s, h * HEAD_DIM, dd, S)
-        qvalid = gl.load(mask_b + i, mask=i < S, other=0) != 0
+        qvalid = gl.load(mask_b + i0 + rows, mask=i0 + rows < S, other=0) != 0
         first = gl.load(RANGES + fa.RANGE_WIDTH * b)
         last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
         holes = gl.load(RANGES + fa.RANGE_WIDTH * b + 2) != 0
@@ -155,41 +192,46 @@ if wb.gluon is not None:
         blk_first, hi_end, lo_start, blk_end = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last,
                                                               S, SAT_HI, SAT_LO, BLOCK, BLOCK)
 
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK, 16])
-        o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, HEAD_DIM, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_l)
-        c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
-        c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
-        pos_h = stride_pos_h * h
-        if HAS_C2P:  # the run's C2P column: position_tables' arithmetic
-            qf = q.to(gl.float32)
-            top = gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dd).to(gl.float32)
-            c2p_top = gl.convert_layout(gl.sum(qf * top[None, :], 1), row_s)
-            c2p_zero = gl.convert_layout(gl.sum(qf * gl.load(C2P_POS + pos_h + dd).to(gl.float32)[None, :], 1), row_s)
-
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-        q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-        k_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
-        v_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
-        m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([BLOCK], gl.float32, row_s)
-        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
-        k_col = (H + h) * HEAD_DIM
-        v_col = (2 * H + h) * HEAD_DIM
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top,
-                             blk_first, hi_end, full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S,
-                             qk_scale, rows, dd, HAS_P2C, HEAD_DIM, STAGES, BLOCK, num_warps)
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h, c2p_zero,
-                             lo_start, blk_end, full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S,
-                             qk_scale, rows, dd, HAS_P2C, HEAD_DIM, STAGES, BLOCK, num_warps)
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        q_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
+        k0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
+        v0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
+        k1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
+        v1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
+        acc_s = gl.allocate_shared_memory(gl.float32, [BLOCK, HEAD_DIM], flat)
+        ml_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        pos_h = stride_pos_h * h
+        zero = pid_bg * 0
+        acc, m_i, l_i = gl.warp_specialize([
+            (_first_half, (zero, q_s.index(0), k0_s, v0_s, acc_s, ml_s, qkv_b,
+                           stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP, blk_first, hi_end,
+                           lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
+                           BLOCK, STAGES)),
+            (_second_half, (zero + 1, q_s.index(1), k1_s, v1_s, acc_s,
+                            ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
+                            blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P,
+                            HAS_P2C, HEAD_DIM, BLOCK, STAGES))], [num_warps], [128])
+
+        o_l: gl.constexpr = _mma_layout(HEAD_DIM, num_warps)
+        row_s: gl.constexpr = gl.SliceLayout(1, _mma_layout(BLOCK, num_warps))
+        row_o: gl.constexpr = gl.SliceLayout(1, o_l)
+        # The second warpgroup's state (the join of warp_specialize is a block-wide barrier).
+        m_k = ml_s.index(0).load(row_s)
+        m_new = gl.maximum(m_i, m_k)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        beta = gl.exp2(m_k - m_safe)
+        l_i = l_i * alpha + ml_s.index(1).load(row_s) * beta
+        acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
+               + acc_s.load(o_l) * gl.convert_layout(beta, row_o)[:, None])
+        m_i = m_new
 
         if RECORD:
             waited = program_times.timer()
         gdc_wait()  # the near kernel has finished and its states are visible
         r_s = i0 + gl.arange(0, BLOCK, layout=row_s)
-        r_o = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l))
+        r_o = i0 + gl.arange(0, BLOCK, layout=row_o)
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
         for part in range(SPLITS):  # fused_attention._merge_near_states
             state = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
@@ -199,15 +241,15 @@ if wb.gluon is not None:
             alpha = gl.exp2(m_i - m_safe)
             beta = gl.exp2(m_k - m_safe)
             l_i = l_i * alpha + gl.load(ML + 2 * state + ROWS + r_s) * beta
-            acc = (acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-                   + gl.load(ACC + (state + r_o)[:, None] * HEAD_DIM + d_o[None, :])
-                   * gl.convert_layout(beta, gl.SliceLayout(1, o_l))[:, None])
+            acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
+                   + gl.load(ACC + (state + r_o)[:, None] * HEAD_DIM + d_o[None, :]) * gl.convert_layout(beta, row_o)[:, None])
             m_i = m_new
 
-        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
-        valid = gl.convert_layout(qvalid, gl.SliceLayout(1, o_l))
+        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), row_o)[:, None]
+        valid = gl.convert_layout(qvalid, row_o)
         if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
             # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+            v_col = (2 * H + h) * HEAD_DIM
             v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
             for n in range(0, gl.cdiv(S, BLOCK)):
                 v = wb._load_tile(qkv_b, n * BLOCK + rows, stride_qkv_s, v_col, dd, S)
@@ -221,28 +263,33 @@ if wb.gluon is not None:
 
 
 # Whether the kernel after the near kernel is this one where it overlaps the near kernel (else the Triton kernel).
-ENABLED = True  # on for its first GPU run (NOTES.md, v52)
+ENABLED = True  # on for its first GPU run (NOTES.md, v53)
+# Ring slots for K and V a warpgroup: two blocks in flight ahead of the one computed.
+STAGES = 3
 
 
-def stages(head_dim: int) -> int:
-    """Ring slots for K and V: 4 (two blocks in flight ahead of the one computed), 3 for head dimension 128."""
-    return 4 if head_dim <= 64 else 3
+def takes(head_dim: int) -> bool:
+    """Whether this kernel replaces the Triton kernel after the near kernel: ENABLED, for head size 64 (at 128 a
+    warpgroup's accumulator alone is 64 registers of its 128, and it spills; compiled for sm_90)."""
+    return ENABLED and head_dim == 64
 
 
 def attend(qkv, positions, acc, ml, mask, ranges, out, heads: int, head_dim: int, h0: int, group: int,
-           saturation: tuple[int, int], qk_scale: float):
+           saturation: tuple[int, int], qk_scale: float, times=None):
     """Launch the kernel for heads h0 .. h0 + group - 1 as the programmatic dependent of the near kernel launched
-    just before it (whose states acc / ml it merges); out [B, S, H * D] gets those heads' context."""
+    just before it (whose states acc / ml it merges); out [B, S, H * D] gets those heads' context. times: the
+    launch's `program_times` buffer, made before the near kernel (a zeroing launch between the two would stop the
+    overlap)."""
     batch, seq, _ = qkv.shape
     pos = positions.pos
     c2p = pos[positions.c2p_term if positions.c2p_term is not None else positions.p2c_term]
     p2c = pos[positions.p2c_term if positions.p2c_term is not None else positions.c2p_term]
     grid = (batch * group, triton.cdiv(seq, wb.BLOCK))
-    times = program_times.buffer("attention", grid[0] * grid[1], qkv.device)
     _saturated_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1), p2c, c2p, c2p.stride(0), c2p.stride(1), pos.shape[2] - 1,
         acc, ml, acc.shape[1], acc.shape[2], mask, mask.stride(0), ranges, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, HEAD_DIM=head_dim,
-        BLOCK=wb.BLOCK, STAGES=stages(head_dim), RECORD=times is not None, num_warps=4, launch_pdl=True)
+        BLOCK=wb.BLOCK, STAGES=STAGES, RECORD=times is not None, num_warps=4, maxnreg=128,
+        launch_pdl=True)
     return out
