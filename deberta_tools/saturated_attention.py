@@ -264,8 +264,9 @@ if wb.gluon is not None:
 
 # Whether the kernel after the near kernel is this one where it overlaps the near kernel (else the Triton kernel).
 ENABLED = True  # on for its first GPU run (NOTES.md, v53)
-# Ring slots for K and V a warpgroup: two blocks in flight ahead of the one computed.
-STAGES = 3
+# Ring slots for K and V a warpgroup: STAGES - 1 blocks in flight ahead of the one computed. At 3 a program took 129 KB
+# of shared memory, so only one fitted on a multiprocessor (NOTES.md, v53); at 2, 97 KB.
+STAGES = 2
 
 
 def takes(head_dim: int) -> bool:
