@@ -118,11 +118,11 @@ if wb.gluon is not None:
         q = wb._load_tile(qkv_b, rq, stride_qkv_s, h * HEAD_DIM, dq, S)
         c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
         c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
-        if HAS_C2P:  # the runs' C2P columns: position_tables' arithmetic
-            qf = q.to(gl.float32)
-            top = gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dq).to(gl.float32)
+        if HAS_C2P:  # the runs' C2P columns: position_tables' arithmetic, on the query in the load layout
+            qf = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S).to(gl.float32)
+            top = gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dd).to(gl.float32)
             c2p_top = gl.convert_layout(gl.sum(qf * top[None, :], 1), row_s)
-            c2p_zero = gl.convert_layout(gl.sum(qf * gl.load(C2P_POS + pos_h + dq).to(gl.float32)[None, :], 1), row_s)
+            c2p_zero = gl.convert_layout(gl.sum(qf * gl.load(C2P_POS + pos_h + dd).to(gl.float32)[None, :], 1), row_s)
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BLOCK], gl.float32, row_s)
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, _mma_layout(HEAD_DIM, num_warps))
