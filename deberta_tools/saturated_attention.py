@@ -45,7 +45,7 @@ if wb.gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _run(acc, m_i, l_i, q, k_s, v_s, p2c_row, row_vec, start, end, full_first, full_end, qkv_b,
+    def _run(acc, m_i, l_i, q, q_s, k_s, v_s, p2c_row, row_vec, start, end, full_first, full_end, qkv_b,
              stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, keys, dd,
              HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, BLOCK: gl.constexpr):
         """Saturated key blocks [start, end) at one relative index: the query takes the run's P2C row once, row_vec
@@ -57,11 +57,10 @@ if wb.gluon is not None:
         cols = gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_l))
         if start < end:
             n_blocks = end - start
-            q_op = q  # the products' register operand, loaded in that layout (`_half`)
             if HAS_P2C:
-                dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q.type.layout))
-                q_op = (q.to(gl.float32) + gl.load(p2c_row + dq).to(gl.float32)[None, :]).to(dtype)
-            gl.thread_barrier()  # every warp is done with the previous run's ring
+                q = (q.to(gl.float32) + gl.load(p2c_row + dd).to(gl.float32)[None, :]).to(dtype)
+            gl.thread_barrier()  # every warp is done with the previous run's query and ring
+            q_s.store(q)
             for t in gl.static_range(STAGES - 1):
                 if t < n_blocks:
                     _copy_block(k_s.index(t), v_s.index(t), qkv_b, (start + t) * BLOCK + keys, stride_qkv_s,
@@ -82,7 +81,7 @@ if wb.gluon is not None:
                                 (start + ahead) * BLOCK + keys, stride_qkv_s, k_col, v_col, dd, S)
                 else:
                     async_copy.commit_group()
-                s = warpgroup_mma(q_op, k_s.index(n % STAGES).permute((1, 0)), zeros, use_acc=False)
+                s = warpgroup_mma(q_s, k_s.index(n % STAGES).permute((1, 0)), zeros, use_acc=False)
                 if (blk < full_first) | (blk >= full_end):  # a key of the block may be padded or past S
                     key_ok = gl.load(mask_b + j0 + cols, mask=j0 + cols < S, other=0) != 0
                     s += gl.where(key_ok, 0.0, float("-inf"))[None, :]
@@ -98,7 +97,7 @@ if wb.gluon is not None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _half(part, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
+    def _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
               blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
               HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
               STAGES: gl.constexpr):
@@ -110,19 +109,18 @@ if wb.gluon is not None:
         row_s: gl.constexpr = gl.SliceLayout(1, s_l)
         rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
         dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-        # The query in the layout of the products' register operand: no shared copy and no layout conversion
-        # through shared memory (two programs' rings fit on a multiprocessor, NOTES.md v53).
-        q_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2)
-        rq = i0 + gl.arange(0, BLOCK, layout=gl.SliceLayout(1, q_l))
-        dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_l))
-        q = wb._load_tile(qkv_b, rq, stride_qkv_s, h * HEAD_DIM, dq, S)
+        q = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S)
         c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
         c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
-        if HAS_C2P:  # the runs' C2P columns: position_tables' arithmetic, on the query in the load layout
-            qf = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S).to(gl.float32)
-            top = gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dd).to(gl.float32)
-            c2p_top = gl.convert_layout(gl.sum(qf * top[None, :], 1), row_s)
-            c2p_zero = gl.convert_layout(gl.sum(qf * gl.load(C2P_POS + pos_h + dd).to(gl.float32)[None, :], 1), row_s)
+        if HAS_C2P:
+            # The runs' C2P columns (position_tables' arithmetic), on the query loaded again in the scores' layout:
+            # their sums come out in the rows' layout, with no conversion through shared memory (a scratch buffer
+            # for each warpgroup would keep two programs off one multiprocessor, NOTES.md v53).
+            dm = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, s_l))
+            qf = wb._load_tile(qkv_b, i0 + gl.arange(0, BLOCK, layout=row_s), stride_qkv_s, h * HEAD_DIM, dm,
+                               S).to(gl.float32)
+            c2p_top = gl.sum(qf * gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dm).to(gl.float32)[None, :], 1)
+            c2p_zero = gl.sum(qf * gl.load(C2P_POS + pos_h + dm).to(gl.float32)[None, :], 1)
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BLOCK], gl.float32, row_s)
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, _mma_layout(HEAD_DIM, num_warps))
@@ -134,35 +132,41 @@ if wb.gluon is not None:
         a1 = gl.where(part == 0, hi_mid, hi_end)
         b0 = gl.where(part == 0, lo_start, lo_mid)
         b1 = gl.where(part == 0, lo_mid, blk_end)
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top, a0, a1,
+        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top, a0, a1,
                              full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
                              HAS_P2C, HEAD_DIM, STAGES, BLOCK)
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, k_s, v_s, P2C_POS + pos_h, c2p_zero, b0, b1,
+        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h, c2p_zero, b0, b1,
                              full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
                              HAS_P2C, HEAD_DIM, STAGES, BLOCK)
         return acc, m_i, l_i
 
     @gluon.jit
-    def _first_half(part, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+    def _first_half(part, q_s, k_s, v_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                     stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
                     HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                     STAGES: gl.constexpr):
         """The default partition: part 0's state, returned."""
-        return _half(part, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p,
+        return _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p,
                      TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
                      HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
 
     @gluon.jit
-    def _second_half(part, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+    def _second_half(part, q_s, k_s, v_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                      stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
                      HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                      STAGES: gl.constexpr):
-        """The worker partition: part 1's state, left in shared memory (acc_s; ml_s rows 0 and 1: max and sum) for
-        the default partition after the join."""
-        acc, m_i, l_i = _half(part, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+        """The worker partition: part 1's state, left in its own buffers for the default partition after the join
+        (`_worker_state`): acc / l as two float16 / bfloat16 terms, high in its query's buffer and low in its V
+        ring's first slot, and the running max and sum in ml_s's rows."""
+        acc, m_i, l_i = _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                               stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H,
                               qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
-        acc_s.store(acc)
+        o_l: gl.constexpr = _mma_layout(HEAD_DIM, gl.num_warps())
+        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
+        high = out.to(q_s.dtype)
+        gl.thread_barrier()  # every warp of this partition is done with its query and V ring
+        q_s.store(high)
+        v_s.index(0).store((out - high.to(gl.float32)).to(q_s.dtype))
         ml_s.index(0).store(m_i)
         ml_s.index(1).store(l_i)
 
@@ -199,22 +203,20 @@ if wb.gluon is not None:
                                                               S, SAT_HI, SAT_LO, BLOCK, BLOCK)
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
-        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        q_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
         k0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         v0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         k1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         v1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
-        acc_s = gl.allocate_shared_memory(gl.float32, [BLOCK, HEAD_DIM], flat)
         ml_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         pos_h = stride_pos_h * h
         zero = pid_bg * 0
         acc, m_i, l_i = gl.warp_specialize([
-            (_first_half, (zero, k0_s, v0_s, acc_s, ml_s, qkv_b,
+            (_first_half, (zero, q_s.index(0), k0_s, v0_s, ml_s, qkv_b,
                            stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP, blk_first, hi_end,
                            lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
                            BLOCK, STAGES)),
-            (_second_half, (zero + 1, k1_s, v1_s, acc_s,
-                            ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
+            (_second_half, (zero + 1, q_s.index(1), k1_s, v1_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
                             blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P,
                             HAS_P2C, HEAD_DIM, BLOCK, STAGES))], [num_warps], [128])
 
@@ -228,8 +230,11 @@ if wb.gluon is not None:
         alpha = gl.exp2(m_i - m_safe)
         beta = gl.exp2(m_k - m_safe)
         l_i = l_i * alpha + ml_s.index(1).load(row_s) * beta
+        # A buffer of its own for the second warpgroup's fp32 accumulator would take a program to 129 KB, one to a
+        # multiprocessor (NOTES.md, v53): its acc / l comes in two 16-bit terms from buffers it is done with.
+        acc_1 = (q_s.index(1).load(o_l).to(gl.float32) + v1_s.index(0).load(o_l).to(gl.float32))
         acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
-               + acc_s.load(o_l) * gl.convert_layout(beta, row_o)[:, None])
+               + acc_1 * gl.convert_layout(beta * ml_s.index(1).load(row_s), row_o)[:, None])
         m_i = m_new
 
         if RECORD:
@@ -269,9 +274,8 @@ if wb.gluon is not None:
 
 # Whether the kernel after the near kernel is this one where it overlaps the near kernel (else the Triton kernel).
 ENABLED = True  # on for its first GPU run (NOTES.md, v53)
-# Ring slots for K and V a warpgroup: STAGES - 1 blocks in flight ahead of the one computed. With 3 and the queries in
-# shared memory a program took 129 KB, so only one fitted on a multiprocessor (NOTES.md, v53); with the queries in
-# registers 113 KB, two.
+# Ring slots for K and V a warpgroup (at least 2): STAGES - 1 blocks in flight ahead of the one computed. At 3 a
+# program takes 113 KB of shared memory, two to a multiprocessor (NOTES.md, v53).
 STAGES = 3
 
 
