@@ -6,7 +6,7 @@ queries once, its C2P column a per-row offset of the exponent, `fused_attention.
 near kernel and merges its softmax states. At 1 x 2048 tokens of the demo config its last programs start ~31 µs
 into the layer and run ~18 µs, ~1 µs a 64 x 64 tile for one warpgroup alone on its multiprocessor, which sets the
 layer's end (results/fused-attention-h100/NOTES.md, v44, v51, v52). Here each program is two warpgroups (Gluon's
-`warp_specialize`): each takes half of both runs' key blocks with its own online softmax, K / V ring (cp.async,
+`warp_specialize`): each takes half of the two runs' key blocks with its own online softmax, K / V ring (cp.async,
 STAGES slots) and query, and the halves are merged through shared memory before the near states. At 128
 registers a thread the program holds as many registers as one warpgroup at 255, so it fits beside a near program
 as the Triton kernel does.
@@ -101,8 +101,8 @@ if wb.gluon is not None:
               blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
               HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
               STAGES: gl.constexpr):
-        """One warpgroup's softmax state (acc, m, l) over half of each saturated run of the query block at i0: the
-        first half of its blocks for part 0, the rest for part 1."""
+        """One warpgroup's softmax state (acc, m, l) over its half of the saturated key blocks of the query block at
+        i0 (part 0 or 1)."""
         num_warps: gl.constexpr = gl.num_warps()
         ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
         s_l: gl.constexpr = _mma_layout(BLOCK, num_warps)
@@ -126,12 +126,17 @@ if wb.gluon is not None:
         acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, _mma_layout(HEAD_DIM, num_warps))
         k_col = (H + h) * HEAD_DIM
         v_col = (2 * H + h) * HEAD_DIM
-        hi_mid = blk_first + (hi_end - blk_first + 1) // 2
-        lo_mid = lo_start + (blk_end - lo_start + 1) // 2
-        a0 = gl.where(part == 0, blk_first, hi_mid)
-        a1 = gl.where(part == 0, hi_mid, hi_end)
-        b0 = gl.where(part == 0, lo_start, lo_mid)
-        b1 = gl.where(part == 0, lo_mid, blk_end)
+        # The two runs' blocks one after the other, cut in two: part 0 the first n // 2, part 1 the rest (part 0
+        # also merges and writes after the join). A run cut in two costs a second pipeline fill, so where one run
+        # is the longer part of the work (edge query blocks) only that run is cut.
+        n_hi = hi_end - blk_first
+        cut = (n_hi + blk_end - lo_start) // 2
+        hi_cut = blk_first + gl.minimum(cut, n_hi)
+        lo_cut = lo_start + gl.maximum(cut - n_hi, 0)
+        a0 = gl.where(part == 0, blk_first, hi_cut)
+        a1 = gl.where(part == 0, hi_cut, hi_end)
+        b0 = gl.where(part == 0, lo_start, lo_cut)
+        b1 = gl.where(part == 0, lo_cut, blk_end)
         acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top, a0, a1,
                              full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
                              HAS_P2C, HEAD_DIM, STAGES, BLOCK)
@@ -141,7 +146,7 @@ if wb.gluon is not None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _first_half(part, q_s, k_s, v_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+    def _first_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                     stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
                     HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                     STAGES: gl.constexpr):
@@ -151,22 +156,16 @@ if wb.gluon is not None:
                      HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
 
     @gluon.jit
-    def _second_half(part, q_s, k_s, v_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
+    def _second_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                      stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
                      HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
                      STAGES: gl.constexpr):
-        """The worker partition: part 1's state, left in its own buffers for the default partition after the join
-        (`_worker_state`): acc / l as two float16 / bfloat16 terms, high in its query's buffer and low in its V
-        ring's first slot, and the running max and sum in ml_s's rows."""
+        """The worker partition: part 1's state, left in shared memory (acc_s; ml_s rows 0 and 1: max and sum) for
+        the default partition after the join."""
         acc, m_i, l_i = _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
                               stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H,
                               qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
-        o_l: gl.constexpr = _mma_layout(HEAD_DIM, gl.num_warps())
-        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), gl.SliceLayout(1, o_l))[:, None]
-        high = out.to(q_s.dtype)
-        gl.thread_barrier()  # every warp of this partition is done with its query and V ring
-        q_s.store(high)
-        v_s.index(0).store((out - high.to(gl.float32)).to(q_s.dtype))
+        acc_s.store(acc)
         ml_s.index(0).store(m_i)
         ml_s.index(1).store(l_i)
 
@@ -208,15 +207,16 @@ if wb.gluon is not None:
         v0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         k1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         v1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
+        acc_s = gl.allocate_shared_memory(gl.float32, [BLOCK, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         ml_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         pos_h = stride_pos_h * h
         zero = pid_bg * 0
         acc, m_i, l_i = gl.warp_specialize([
-            (_first_half, (zero, q_s.index(0), k0_s, v0_s, ml_s, qkv_b,
+            (_first_half, (zero, q_s.index(0), k0_s, v0_s, acc_s, ml_s, qkv_b,
                            stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP, blk_first, hi_end,
                            lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
                            BLOCK, STAGES)),
-            (_second_half, (zero + 1, q_s.index(1), k1_s, v1_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
+            (_second_half, (zero + 1, q_s.index(1), k1_s, v1_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
                             blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P,
                             HAS_P2C, HEAD_DIM, BLOCK, STAGES))], [num_warps], [128])
 
@@ -230,11 +230,8 @@ if wb.gluon is not None:
         alpha = gl.exp2(m_i - m_safe)
         beta = gl.exp2(m_k - m_safe)
         l_i = l_i * alpha + ml_s.index(1).load(row_s) * beta
-        # A buffer of its own for the second warpgroup's fp32 accumulator would take a program to 129 KB, one to a
-        # multiprocessor (NOTES.md, v53): its acc / l comes in two 16-bit terms from buffers it is done with.
-        acc_1 = (q_s.index(1).load(o_l).to(gl.float32) + v1_s.index(0).load(o_l).to(gl.float32))
         acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
-               + acc_1 * gl.convert_layout(beta * ml_s.index(1).load(row_s), row_o)[:, None])
+               + acc_s.load(o_l) * gl.convert_layout(beta, row_o)[:, None])
         m_i = m_new
 
         if RECORD:
@@ -274,9 +271,10 @@ if wb.gluon is not None:
 
 # Whether the kernel after the near kernel is this one where it overlaps the near kernel (else the Triton kernel).
 ENABLED = True  # on for its first GPU run (NOTES.md, v53)
-# Ring slots for K and V a warpgroup (at least 2): STAGES - 1 blocks in flight ahead of the one computed. At 3 a
-# program takes 113 KB of shared memory, two to a multiprocessor (NOTES.md, v53).
-STAGES = 3
+# Ring slots for K and V a warpgroup (at least 2): STAGES - 1 blocks in flight ahead of the one computed. On an H100
+# 2 was faster than 3 (NOTES.md, v53b / v53d); at 3 a program needs all but 1 KB of half a multiprocessor's shared
+# memory.
+STAGES = 2
 
 
 def takes(head_dim: int) -> bool:
