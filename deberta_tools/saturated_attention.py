@@ -97,77 +97,85 @@ if wb.gluon is not None:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
-              blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
-              HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-              STAGES: gl.constexpr):
-        """One warpgroup's softmax state (acc, m, l) over its half of the saturated key blocks of the query block at
-        i0 (part 0 or 1)."""
-        num_warps: gl.constexpr = gl.num_warps()
-        ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
-        s_l: gl.constexpr = _mma_layout(BLOCK, num_warps)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_l)
-        rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
-        dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-        q = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S)
-        c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
-        c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
-        if HAS_C2P:
-            # The runs' C2P columns (position_tables' arithmetic), on the query loaded again in the scores' layout:
-            # their sums come out in the rows' layout, with no conversion through shared memory (a scratch buffer
-            # for each warpgroup would keep two programs off one multiprocessor, NOTES.md v53).
-            dm = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, s_l))
-            qf = wb._load_tile(qkv_b, i0 + gl.arange(0, BLOCK, layout=row_s), stride_qkv_s, h * HEAD_DIM, dm,
-                               S).to(gl.float32)
-            c2p_top = gl.sum(qf * gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dm).to(gl.float32)[None, :], 1)
-            c2p_zero = gl.sum(qf * gl.load(C2P_POS + pos_h + dm).to(gl.float32)[None, :], 1)
-        m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
-        l_i = gl.zeros([BLOCK], gl.float32, row_s)
-        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, _mma_layout(HEAD_DIM, num_warps))
-        k_col = (H + h) * HEAD_DIM
-        v_col = (2 * H + h) * HEAD_DIM
-        # The two runs' blocks one after the other, cut in two: part 0 the first n // 2, part 1 the rest (part 0
-        # also merges and writes after the join). A run cut in two costs a second pipeline fill, so where one run
-        # is the longer part of the work (edge query blocks) only that run is cut.
-        n_hi = hi_end - blk_first
-        cut = (n_hi + blk_end - lo_start) // 2
-        hi_cut = blk_first + gl.minimum(cut, n_hi)
-        lo_cut = lo_start + gl.maximum(cut - n_hi, 0)
-        a0 = gl.where(part == 0, blk_first, hi_cut)
-        a1 = gl.where(part == 0, hi_cut, hi_end)
-        b0 = gl.where(part == 0, lo_start, lo_cut)
-        b1 = gl.where(part == 0, lo_cut, blk_end)
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top, a0, a1,
-                             full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
-                             HAS_P2C, HEAD_DIM, STAGES, BLOCK)
-        acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h, c2p_zero, b0, b1,
-                             full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows, dd,
-                             HAS_P2C, HEAD_DIM, STAGES, BLOCK)
-        return acc, m_i, l_i
+    def _query_block(m, q_s, k_s, v_s, QKV, stride_qkv_b, stride_qkv_s, b, pid_bg, h, P2C_POS, C2P_POS, stride_pos_h, stride_pos_p,
+                     TOP, ACC, ML, SPLITS, ROWS, MASK, stride_mask_b, RANGES, OUT, stride_out_b, stride_out_s, S, H,
+                     SAT_HI, SAT_LO, qk_scale, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup's query block m (none past S): its saturated runs (top index, then index 0), then, once the
+        near kernel has finished (`griddepcontrol.wait`), its SPLITS near states from ACC / ML merged in, and its
+        rows of OUT (`fused_attention._attention_kernel`'s OVERLAP path)."""
+        i0 = m * BLOCK
+        if i0 < S:
+            num_warps: gl.constexpr = gl.num_warps()
+            dtype: gl.constexpr = QKV.dtype.element_ty
+            ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
+            s_l: gl.constexpr = _mma_layout(BLOCK, num_warps)
+            o_l: gl.constexpr = _mma_layout(HEAD_DIM, num_warps)
+            row_s: gl.constexpr = gl.SliceLayout(1, s_l)
+            row_o: gl.constexpr = gl.SliceLayout(1, o_l)
+            rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
+            dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+            qkv_b = QKV + b * stride_qkv_b
+            mask_b = MASK + b * stride_mask_b
+            q = wb._load_tile(qkv_b, i0 + rows, stride_qkv_s, h * HEAD_DIM, dd, S)
+            qvalid = gl.load(mask_b + i0 + rows, mask=i0 + rows < S, other=0) != 0
+            first = gl.load(RANGES + fa.RANGE_WIDTH * b)
+            last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
+            holes = gl.load(RANGES + fa.RANGE_WIDTH * b + 2) != 0
+            full_first, full_end = fa._unmasked_blocks(first, last, holes, BLOCK)
+            blk_first, hi_end, lo_start, blk_end = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first,
+                                                                  last, S, SAT_HI, SAT_LO, BLOCK, BLOCK)
+            pos_h = stride_pos_h * h
+            c2p_top = gl.zeros([BLOCK], gl.float32, row_s)
+            c2p_zero = gl.zeros([BLOCK], gl.float32, row_s)
+            if HAS_C2P:
+                # The runs' C2P columns (position_tables' arithmetic), on the query loaded again in the scores'
+                # layout: their sums come out in the rows' layout with no conversion through shared memory.
+                dm = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, s_l))
+                qf = wb._load_tile(qkv_b, i0 + gl.arange(0, BLOCK, layout=row_s), stride_qkv_s, h * HEAD_DIM, dm,
+                                   S).to(gl.float32)
+                c2p_top = gl.sum(qf * gl.load(C2P_POS + pos_h + TOP * stride_pos_p + dm).to(gl.float32)[None, :], 1)
+                c2p_zero = gl.sum(qf * gl.load(C2P_POS + pos_h + dm).to(gl.float32)[None, :], 1)
+            m_i = gl.full([BLOCK], float("-inf"), gl.float32, row_s)
+            l_i = gl.zeros([BLOCK], gl.float32, row_s)
+            acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, o_l)
+            k_col = (H + h) * HEAD_DIM
+            v_col = (2 * H + h) * HEAD_DIM
+            acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h + TOP * stride_pos_p, c2p_top,
+                                 blk_first, hi_end, full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b,
+                                 S, qk_scale, rows, dd, HAS_P2C, HEAD_DIM, STAGES, BLOCK)
+            acc, m_i, l_i = _run(acc, m_i, l_i, q, q_s, k_s, v_s, P2C_POS + pos_h, c2p_zero, lo_start, blk_end,
+                                 full_first, full_end, qkv_b, stride_qkv_s, k_col, v_col, mask_b, S, qk_scale, rows,
+                                 dd, HAS_P2C, HEAD_DIM, STAGES, BLOCK)
 
-    @gluon.jit
-    def _first_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
-                    stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
-                    HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-                    STAGES: gl.constexpr):
-        """The default partition: part 0's state, returned."""
-        return _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p,
-                     TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
-                     HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
-
-    @gluon.jit
-    def _second_half(part, q_s, k_s, v_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
-                     stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale,
-                     HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
-                     STAGES: gl.constexpr):
-        """The worker partition: part 1's state, left in shared memory (acc_s; ml_s rows 0 and 1: max and sum) for
-        the default partition after the join."""
-        acc, m_i, l_i = _half(part, q_s, k_s, v_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h,
-                              stride_pos_p, TOP, blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H,
-                              qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM, BLOCK, STAGES)
-        acc_s.store(acc)
-        ml_s.index(0).store(m_i)
-        ml_s.index(1).store(l_i)
+            gdc_wait()  # the near kernel has finished and its states are visible
+            r_s = i0 + gl.arange(0, BLOCK, layout=row_s)
+            r_o = i0 + gl.arange(0, BLOCK, layout=row_o)
+            d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+            for part in range(SPLITS):  # fused_attention._merge_near_states
+                state = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
+                m_k = gl.load(ML + 2 * state + r_s)
+                m_new = gl.maximum(m_i, m_k)
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_safe)
+                beta = gl.exp2(m_k - m_safe)
+                l_i = l_i * alpha + gl.load(ML + 2 * state + ROWS + r_s) * beta
+                acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
+                       + gl.load(ACC + (state + r_o)[:, None] * HEAD_DIM + d_o[None, :])
+                       * gl.convert_layout(beta, row_o)[:, None])
+                m_i = m_new
+            out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), row_o)[:, None]
+            valid = gl.convert_layout(qvalid, row_o)
+            if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
+                # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
+                v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
+                for n in range(0, gl.cdiv(S, BLOCK)):
+                    v = wb._load_tile(qkv_b, n * BLOCK + rows, stride_qkv_s, v_col, dd, S)
+                    v_sum += gl.sum(v.to(gl.float32), 0)
+                v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
+                out = gl.where(valid[:, None], out, v_mean[None, :])
+            gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :],
+                     out.to(dtype), mask=(r_o < S)[:, None])
 
     @gluon.jit
     def _saturated_kernel(
@@ -176,97 +184,39 @@ if wb.gluon is not None:
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr,
         STAGES: gl.constexpr, RECORD: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """OUT rows of one query block: its saturated runs (top index, then index 0) split between two warpgroups,
-        then, once the near kernel has finished (`griddepcontrol.wait`), its SPLITS near states from ACC / ML merged
-        in. Grid (B * G, query blocks), the query blocks from both ends inwards (the most saturated blocks first)."""
+        """Two query blocks a program, one to each warpgroup (`_query_block`; the second, a `warp_specialize`
+        worker, has nothing to do past S). Grid (B * G, cdiv(query blocks, 2)): program p takes the blocks at
+        positions 2p and 2p + 1 of the both-ends-inwards order (0, n-1, 1, n-2, ...), so each program holds two
+        query blocks with about as many saturated blocks, the most saturated first."""
         if RECORD:
             started = program_times.now()
         pid_bg = gl.program_id(0)
         p = gl.program_id(1)
-        m = gl.where(p % 2 == 0, p // 2, gl.num_programs(1) - 1 - p // 2)
+        n_qb = gl.cdiv(S, BLOCK)
+        m_a = p
+        m_b = n_qb - 1 - p
         b = (pid_bg // G).to(gl.int64)
         h = H0 + pid_bg % G
-        i0 = m * BLOCK
         dtype: gl.constexpr = QKV.dtype.element_ty
-        ld: gl.constexpr = wb._load_layout(HEAD_DIM, num_warps)
-        rows = gl.arange(0, BLOCK, layout=gl.SliceLayout(1, ld))
-        dd = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-        qkv_b = QKV + b * stride_qkv_b
-        mask_b = MASK + b * stride_mask_b
-        qvalid = gl.load(mask_b + i0 + rows, mask=i0 + rows < S, other=0) != 0
-        first = gl.load(RANGES + fa.RANGE_WIDTH * b)
-        last = gl.load(RANGES + fa.RANGE_WIDTH * b + 1)
-        holes = gl.load(RANGES + fa.RANGE_WIDTH * b + 2) != 0
-        full_first, full_end = fa._unmasked_blocks(first, last, holes, BLOCK)
-        blk_first, hi_end, lo_start, blk_end = fa._key_blocks(i0, gl.max(qvalid.to(gl.int32), 0) > 0, first, last,
-                                                              S, SAT_HI, SAT_LO, BLOCK, BLOCK)
-
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         q_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
         k0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         v0_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         k1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
         v1_s = gl.allocate_shared_memory(dtype, [STAGES, BLOCK, HEAD_DIM], op_l)
-        acc_s = gl.allocate_shared_memory(gl.float32, [BLOCK, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        ml_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        pos_h = stride_pos_h * h
-        zero = pid_bg * 0
-        acc, m_i, l_i = gl.warp_specialize([
-            (_first_half, (zero, q_s.index(0), k0_s, v0_s, acc_s, ml_s, qkv_b,
-                           stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP, blk_first, hi_end,
-                           lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
-                           BLOCK, STAGES)),
-            (_second_half, (zero + 1, q_s.index(1), k1_s, v1_s, acc_s, ml_s, qkv_b, stride_qkv_s, i0, h, mask_b, P2C_POS, C2P_POS, pos_h, stride_pos_p, TOP,
-                            blk_first, hi_end, lo_start, blk_end, full_first, full_end, S, H, qk_scale, HAS_C2P,
-                            HAS_P2C, HEAD_DIM, BLOCK, STAGES))], [num_warps], [128])
-
-        o_l: gl.constexpr = _mma_layout(HEAD_DIM, num_warps)
-        row_s: gl.constexpr = gl.SliceLayout(1, _mma_layout(BLOCK, num_warps))
-        row_o: gl.constexpr = gl.SliceLayout(1, o_l)
-        # The second warpgroup's state (the join of warp_specialize is a block-wide barrier).
-        m_k = ml_s.index(0).load(row_s)
-        m_new = gl.maximum(m_i, m_k)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        beta = gl.exp2(m_k - m_safe)
-        l_i = l_i * alpha + ml_s.index(1).load(row_s) * beta
-        acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
-               + acc_s.load(o_l) * gl.convert_layout(beta, row_o)[:, None])
-        m_i = m_new
-
+        # m_b is m_a where the query blocks are odd in number (the middle one): the worker then has none.
+        m_b = gl.where(m_b == m_a, n_qb, m_b)
+        gl.warp_specialize([
+            (_query_block, (m_a, q_s.index(0), k0_s, v0_s, QKV, stride_qkv_b, stride_qkv_s, b, pid_bg, h, P2C_POS, C2P_POS,
+                            stride_pos_h, stride_pos_p, TOP, ACC, ML, SPLITS, ROWS, MASK, stride_mask_b, RANGES, OUT,
+                            stride_out_b, stride_out_s, S, H, SAT_HI, SAT_LO, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
+                            BLOCK, STAGES)),
+            (_query_block, (m_b, q_s.index(1), k1_s, v1_s, QKV, stride_qkv_b, stride_qkv_s, b, pid_bg, h, P2C_POS, C2P_POS,
+                            stride_pos_h, stride_pos_p, TOP, ACC, ML, SPLITS, ROWS, MASK, stride_mask_b, RANGES, OUT,
+                            stride_out_b, stride_out_s, S, H, SAT_HI, SAT_LO, qk_scale, HAS_C2P, HAS_P2C, HEAD_DIM,
+                            BLOCK, STAGES))], [num_warps], [128])
         if RECORD:
-            waited = program_times.timer()
-        gdc_wait()  # the near kernel has finished and its states are visible
-        r_s = i0 + gl.arange(0, BLOCK, layout=row_s)
-        r_o = i0 + gl.arange(0, BLOCK, layout=row_o)
-        d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
-        for part in range(SPLITS):  # fused_attention._merge_near_states
-            state = (pid_bg.to(gl.int64) * SPLITS + part) * ROWS
-            m_k = gl.load(ML + 2 * state + r_s)
-            m_new = gl.maximum(m_i, m_k)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
-            beta = gl.exp2(m_k - m_safe)
-            l_i = l_i * alpha + gl.load(ML + 2 * state + ROWS + r_s) * beta
-            acc = (acc * gl.convert_layout(alpha, row_o)[:, None]
-                   + gl.load(ACC + (state + r_o)[:, None] * HEAD_DIM + d_o[None, :]) * gl.convert_layout(beta, row_o)[:, None])
-            m_i = m_new
-
-        out = acc / gl.convert_layout(gl.where(l_i == 0.0, 1.0, l_i), row_o)[:, None]
-        valid = gl.convert_layout(qvalid, row_o)
-        if gl.min(gl.where(r_o < S, valid, True).to(gl.int32), 0) == 0:
-            # Hugging Face gives a padded query row the same score for every key: the mean of all S value rows.
-            v_col = (2 * H + h) * HEAD_DIM
-            v_sum = gl.zeros([HEAD_DIM], gl.float32, gl.SliceLayout(0, ld))
-            for n in range(0, gl.cdiv(S, BLOCK)):
-                v = wb._load_tile(qkv_b, n * BLOCK + rows, stride_qkv_s, v_col, dd, S)
-                v_sum += gl.sum(v.to(gl.float32), 0)
-            v_mean = gl.convert_layout(v_sum / S, gl.SliceLayout(0, o_l))
-            out = gl.where(valid[:, None], out, v_mean[None, :])
-        gl.store(OUT + b * stride_out_b + r_o[:, None] * stride_out_s + h * HEAD_DIM + d_o[None, :], out.to(dtype),
-                 mask=(r_o < S)[:, None])
-        if RECORD:
-            program_times.record(TIMES, started, m, pid_bg, waited)
+            program_times.record(TIMES, started, m_a, pid_bg, 0)
 
 
 # Whether the kernel after the near kernel is this one where it overlaps the near kernel (else the Triton kernel).
@@ -283,17 +233,22 @@ def takes(head_dim: int) -> bool:
     return ENABLED and head_dim == 64
 
 
+def programs(batch: int, seq: int, group: int) -> int:
+    """The kernel's grid size: two query blocks a program."""
+    return batch * group * triton.cdiv(triton.cdiv(seq, wb.BLOCK), 2)
+
+
 def attend(qkv, positions, acc, ml, mask, ranges, out, heads: int, head_dim: int, h0: int, group: int,
            saturation: tuple[int, int], qk_scale: float, times=None):
     """Launch the kernel for heads h0 .. h0 + group - 1 as the programmatic dependent of the near kernel launched
     just before it (whose states acc / ml it merges); out [B, S, H * D] gets those heads' context. times: the
-    launch's `program_times` buffer, made before the near kernel (a zeroing launch between the two would stop the
-    overlap)."""
+    launch's `program_times` buffer of `programs(...)` rows, made before the near kernel (a zeroing launch between
+    the two would stop the overlap)."""
     batch, seq, _ = qkv.shape
     pos = positions.pos
     c2p = pos[positions.c2p_term if positions.c2p_term is not None else positions.p2c_term]
     p2c = pos[positions.p2c_term if positions.p2c_term is not None else positions.c2p_term]
-    grid = (batch * group, triton.cdiv(seq, wb.BLOCK))
+    grid = (batch * group, triton.cdiv(triton.cdiv(seq, wb.BLOCK), 2))
     _saturated_kernel[grid](
         qkv, qkv.stride(0), qkv.stride(1), p2c, c2p, c2p.stride(0), c2p.stride(1), pos.shape[2] - 1,
         acc, ml, acc.shape[1], acc.shape[2], mask, mask.stride(0), ranges, out, out.stride(0), out.stride(1),
