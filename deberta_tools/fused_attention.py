@@ -51,7 +51,7 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import near_attention, program_times, saturated_attention, window_band
+from . import near_attention, program_times, window_band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -865,10 +865,8 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # Recording (program_times): this kernel's zeroed buffer made before the near kernel, whose dependent it may
         # be: a zeroing launch between the two stops the overlap (one sat there in every recording before v41b).
         programs = triton.cdiv(seq, tiles.block_m) * batch * g
+        times = program_times.buffer("attention", programs, qkv.device)
         overlap = near_state and _overlaps(qkv.device, programs)
-        gluon_after = overlap and saturated_attention.takes(head_dim)  # its Gluon twin after the near kernel
-        times = program_times.buffer("attention", saturated_attention.programs(batch, seq, g) if gluon_after
-                                     else programs, qkv.device)
         if positions is None:  # every key block "saturated": only the key mask is added
             # edges are never read without position terms: a placeholder, with no kernel to fill it
             edges = torch.empty((1, 1, 2, 1), device=qkv.device, dtype=torch.float32)
@@ -892,10 +890,6 @@ def attention(qkv: torch.Tensor, mask: torch.Tensor, heads: int, head_dim: int, 
         # the P2C rows of the saturated runs (top index and 0): the kernel adds them to the queries
         p2c_pos = qkv if p2c is None else positions.pos[p2c]  # qkv: a placeholder, never read
         c2p_pos = qkv if c2p is None else positions.pos[c2p]  # read with OVERLAP only
-        if gluon_after:
-            saturated_attention.attend(qkv, positions, acc, ml, mask, ranges, out, heads, head_dim, h0, g, sat,
-                                       factor * _LOG2E, times)
-            continue
         grid = (triton.cdiv(seq, tiles.block_m), batch * g)
         kv_desc = _kv_descriptor(qkv, head_dim, tiles.block_n)
         _attention_kernel[grid[::-1] if near_state else grid](

@@ -28,7 +28,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import compare, export, fused_attention as fa, fused_model, near_attention, report  # noqa: E402
-from deberta_tools import saturated_attention, window_band  # noqa: E402
+from deberta_tools import window_band  # noqa: E402
 from deberta_tools.timing import graph_us as _graph_us  # noqa: E402
 from deberta_tools.benchmark import valid_rel_l2  # noqa: E402
 from deberta_tools import inputs  # noqa: E402
@@ -457,8 +457,6 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
-    parser.add_argument("--saturated-gluon", action="store_true",
-                        help="only the A/B of saturated_attention.ENABLED (False against True, alternating), then stop")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -515,9 +513,6 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
-        return
-    if args.saturated_gluon:
-        flag_ab("ENABLED", [False, True, False, True], saturated_attention)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",

@@ -27,7 +27,6 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deberta_tools import fused_attention as fa, inputs, near_attention, program_times, report  # noqa: E402
-from deberta_tools import saturated_attention  # noqa: E402
 from deberta_tools.timing import graph_us  # noqa: E402
 
 
@@ -73,11 +72,7 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
-    parser.add_argument("--saturated-gluon", type=int, choices=[0, 1],
-                        help="saturated_attention.ENABLED for the run (default: the module's)")
     args = parser.parse_args()
-    if args.saturated_gluon is not None:
-        saturated_attention.ENABLED = bool(args.saturated_gluon)
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
     if args.no_overlap:
@@ -86,8 +81,7 @@ def main():
     print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
           triton.__version__)
     print(f"recorded {'from the host' if args.eager else 'in a CUDA graph'}; OVERLAP_NEAR_TAIL "
-          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}, "
-          f"saturated_attention.ENABLED {saturated_attention.ENABLED}")
+          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}")
     rows = []
     for seq in args.seq_len:
         launches, plain = recorded_layer(seq, args.batch_size, eager=args.eager)

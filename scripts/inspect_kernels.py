@@ -9,7 +9,7 @@ serialises those (its C7515 advisory).
 
     python scripts/inspect_kernels.py [--arch 90] [--seq-len 2048] [--batch-size 1] [--band window|near] [--dump DIR]
                                       [--masked-loop-stages N] [--record-times] [--saturated-tma]
-                                      [--no-overlap-near-tail] [--saturated-gluon]
+                                      [--no-overlap-near-tail]
 """
 
 import argparse
@@ -29,8 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from deberta_tools import (fused_attention as fa, near_attention, program_times, report,  # noqa: E402
-                          saturated_attention, window_band)
+from deberta_tools import fused_attention as fa, near_attention, program_times, report, window_band  # noqa: E402
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
@@ -86,7 +85,6 @@ def record_launches(batch: int, seq: int, heads: int, head_dim: int, dtype: torc
         setattr(fa, name, _Recorder(getattr(fa, name), calls))
     window_band._window_band_kernel = _Recorder(window_band._window_band_kernel, calls)
     near_attention._near_attention_kernel = _Recorder(near_attention._near_attention_kernel, calls)
-    saturated_attention._saturated_kernel = _Recorder(saturated_attention._saturated_kernel, calls)
     window_band.supported = lambda *args: band in ("window", "near")
     near_attention._multiprocessors = lambda device: 132  # an H100 SXM's
     fa._sm90_or_newer = lambda device: True
@@ -144,15 +142,12 @@ def main():
                         help="fused_attention.SATURATED_TMA: unmasked saturated blocks through a tensor descriptor")
     parser.add_argument("--no-overlap-near-tail", action="store_true",
                         help="fused_attention.OVERLAP_NEAR_TAIL off: the kernel after the near kernel not its dependent")
-    parser.add_argument("--saturated-gluon", action="store_true",
-                        help="saturated_attention.ENABLED: the Gluon kernel after the near kernel where it overlaps")
     parser.add_argument("--dump", type=Path, help="write each kernel's TTGIR and PTX here")
     args = parser.parse_args()
 
     fa.MASKED_LOOP_STAGES = args.masked_loop_stages
     fa.SATURATED_TMA = args.saturated_tma
     fa.OVERLAP_NEAR_TAIL = not args.no_overlap_near_tail
-    saturated_attention.ENABLED = args.saturated_gluon
     if args.record_times:
         program_times.RECORDING = []
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
