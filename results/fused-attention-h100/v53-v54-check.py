@@ -1,4 +1,5 @@
-"""The check that v53c-v54's `*-check.txt` ran on the H100 (as `.exp/dbg.py`, at the trees in their headers): one
+"""The check that `v53c-check-d0e74e3.txt`, `v53d-check.txt`, `v53e-check.txt` and `v54-check.txt` ran on the H100 (as
+`.exp/dbg.py`, at the trees in their headers): one
 attention layer with `saturated_attention.ENABLED` off and on, at 1 x 2048 (no padding and 1500 tokens) and 2 x 1000
 (the second 700 tokens); relative L2 between the two, the largest difference per head, rows off by more than 1e-2;
 exit 3 if any relative L2 is not under 1e-3. `deberta_tools/saturated_attention.py` exists only at those trees
