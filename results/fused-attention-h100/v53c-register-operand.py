@@ -7,66 +7,59 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 
+# [64, 64] tiles on 4 warps: wgmma's accumulator, its register A operand, a 16-byte-vector load, shared operands.
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
+DOT = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2))
+LD = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+OP = gl.constexpr(gl.NVMMASharedLayout.get_default_for([64, 64], gl.float16))
+
+
+@gluon.jit
+def offsets(layout: gl.constexpr):
+    """Offsets of a row-major [64, 64] tile in `layout`."""
+    return (gl.arange(0, 64, layout=gl.SliceLayout(1, layout))[:, None] * 64
+            + gl.arange(0, 64, layout=gl.SliceLayout(0, layout))[None, :])
+
+
 @gluon.jit
 def product(Q, K, OUT, MODE: gl.constexpr):
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float16)
-    r = gl.arange(0, 64, layout=gl.SliceLayout(1, ld))
-    c = gl.arange(0, 64, layout=gl.SliceLayout(0, ld))
-    k_s = gl.allocate_shared_memory(gl.float16, [64, 64], op_l, gl.load(K + r[:, None] * 64 + c[None, :]))
+    k_s = gl.allocate_shared_memory(gl.float16, [64, 64], OP, gl.load(K + offsets(LD)))
     if MODE == 0:
-        rd = gl.arange(0, 64, layout=gl.SliceLayout(1, dot))
-        cd = gl.arange(0, 64, layout=gl.SliceLayout(0, dot))
-        a = gl.load(Q + rd[:, None] * 64 + cd[None, :])
+        a = gl.load(Q + offsets(DOT))
     elif MODE == 4:  # as 0, plus a row of Q's own first row added in float32 and rounded back (v53c's P2C row)
-        rd = gl.arange(0, 64, layout=gl.SliceLayout(1, dot))
-        cd = gl.arange(0, 64, layout=gl.SliceLayout(0, dot))
-        a = gl.load(Q + rd[:, None] * 64 + cd[None, :])
-        a = (a.to(gl.float32) + gl.load(Q + gl.arange(0, 64, layout=gl.SliceLayout(0, a.type.layout))).to(gl.float32)[None, :]).to(gl.float16)
+        a = gl.load(Q + offsets(DOT))
+        row = gl.load(Q + gl.arange(0, 64, layout=gl.SliceLayout(0, DOT))).to(gl.float32)
+        a = (a.to(gl.float32) + row[None, :]).to(gl.float16)
     elif MODE == 1:
-        a = gl.convert_layout(gl.load(Q + r[:, None] * 64 + c[None, :]), dot)
+        a = gl.convert_layout(gl.load(Q + offsets(LD)), DOT)
     else:
-        a = gl.allocate_shared_memory(gl.float16, [64, 64], op_l, gl.load(Q + r[:, None] * 64 + c[None, :]))
+        a = gl.allocate_shared_memory(gl.float16, [64, 64], OP, gl.load(Q + offsets(LD)))
     fence_async_shared()
     gl.thread_barrier()
-    s = warpgroup_mma(a, k_s.permute((1, 0)), gl.zeros([64, 64], gl.float32, mma), use_acc=False)
-    ro = gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-    co = gl.arange(0, 64, layout=gl.SliceLayout(0, mma))
-    gl.store(OUT + ro[:, None] * 64 + co[None, :], s)
+    s = warpgroup_mma(a, k_s.permute((1, 0)), gl.zeros([64, 64], gl.float32, MMA), use_acc=False)
+    gl.store(OUT + offsets(MMA), s)
 
 
 @gluon.jit
 def loop(Q, K, V, OUT, REG: gl.constexpr):
     """sum over 4 key blocks n of softmax-free (Q.K_n^T).V_n: Q the register operand of Q.K^T (REG) or in shared
     memory, the product's fp16 rounding the register operand of .V, as in the saturated kernel's loop."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float16)
-    r = gl.arange(0, 64, layout=gl.SliceLayout(1, ld))
-    c = gl.arange(0, 64, layout=gl.SliceLayout(0, ld))
-    k_s = gl.allocate_shared_memory(gl.float16, [64, 64], op_l)
-    v_s = gl.allocate_shared_memory(gl.float16, [64, 64], op_l)
+    k_s = gl.allocate_shared_memory(gl.float16, [64, 64], OP)
+    v_s = gl.allocate_shared_memory(gl.float16, [64, 64], OP)
     if REG:
-        rd = gl.arange(0, 64, layout=gl.SliceLayout(1, dot))
-        cd = gl.arange(0, 64, layout=gl.SliceLayout(0, dot))
-        a = gl.load(Q + rd[:, None] * 64 + cd[None, :])
+        a = gl.load(Q + offsets(DOT))
     else:
-        a = gl.allocate_shared_memory(gl.float16, [64, 64], op_l, gl.load(Q + r[:, None] * 64 + c[None, :]))
-    acc = gl.zeros([64, 64], gl.float32, mma)
+        a = gl.allocate_shared_memory(gl.float16, [64, 64], OP, gl.load(Q + offsets(LD)))
+    acc = gl.zeros([64, 64], gl.float32, MMA)
     for n in range(4):
         gl.thread_barrier()
-        k_s.store(gl.load(K + n * 4096 + r[:, None] * 64 + c[None, :]))
-        v_s.store(gl.load(V + n * 4096 + r[:, None] * 64 + c[None, :]))
+        k_s.store(gl.load(K + n * 4096 + offsets(LD)))
+        v_s.store(gl.load(V + n * 4096 + offsets(LD)))
         fence_async_shared()
         gl.thread_barrier()
-        s = warpgroup_mma(a, k_s.permute((1, 0)), gl.zeros([64, 64], gl.float32, mma), use_acc=False)
-        acc = warpgroup_mma(gl.convert_layout((s * 0.125).to(gl.float16), dot), v_s, acc)
-    ro = gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-    co = gl.arange(0, 64, layout=gl.SliceLayout(0, mma))
-    gl.store(OUT + ro[:, None] * 64 + co[None, :], acc)
+        s = warpgroup_mma(a, k_s.permute((1, 0)), gl.zeros([64, 64], gl.float32, MMA), use_acc=False)
+        acc = warpgroup_mma(gl.convert_layout((s * 0.125).to(gl.float16), DOT), v_s, acc)
+    gl.store(OUT + offsets(MMA), acc)
 
 
 @gluon.jit
