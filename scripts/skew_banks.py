@@ -23,10 +23,11 @@ from deberta_tools import fused_attention, report  # noqa: E402
 wb = fused_attention.window_band  # (imported through fused_attention: window_band alone would import in a circle)
 
 NATURAL = (1, 2, 4, 8, 16, 32)
+KEY_ORDER_V17 = (8, 1, 16, 32, 2, 4)  # the score tile's keys from v17 to v43 (`_key_order`, removed in v44)
 # (name, the product rows' buffer order, the score tile's keys, its queries)
 ORDERS = [
-    ("v17 ... v42 (keys in key order)", wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), NATURAL),
-    ("v43 (and queries in query order)", wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), (8, 1, 2, 4, 16, 32)),
+    ("v17 ... v42 (keys in key order)", wb.SPREAD_BITS, KEY_ORDER_V17, NATURAL),
+    ("v43 (and queries in query order)", wb.SPREAD_BITS, KEY_ORDER_V17, (8, 1, 2, 4, 16, 32)),
     ("committed (v44: keys spread)", wb.SPREAD_BITS, wb.SPREAD_BITS, wb.SPREAD_QUERY_BITS),
 ]
 

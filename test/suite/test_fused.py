@@ -614,7 +614,7 @@ def test_skew_bank_model():
     assert committed == {"product stores": 1.0, "C2P read": 1.0, "P2C read": 1.0}
     assert set(banks.shared_p2c(*orders, pitch=258).values()) == {1.0}
     assert banks.shared_p2c(*orders, pitch=256)["product stores"] == 8.0
-    old = banks.accesses(banks.wb.SPREAD_BITS, (8, 1, 16, 32, 2, 4), banks.NATURAL)
+    old = banks.accesses(banks.wb.SPREAD_BITS, banks.KEY_ORDER_V17, banks.NATURAL)
     assert old["C2P read"] == 2.0 and old["P2C read"] == 1.0
     # The bit tables are the kernel's own orders (its Gluon functions, evaluated on integers) and permute the 64
     # rows: a table that dropped a row could look conflict-free.
