@@ -90,7 +90,7 @@ if wb.gluon is not None:
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
-        WINDOW_ACC: gl.constexpr = gl.float32, SLIM: gl.constexpr = False,
+        WINDOW_ACC: gl.constexpr = gl.float32, SLIM: gl.constexpr = False, Q_REGS: gl.constexpr = 0,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -160,15 +160,25 @@ if wb.gluon is not None:
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
-        q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK, 16])
+        # Q_REGS (v56): Q.Kᵀ's query operand (1), and C2P's (2), from registers instead of shared memory.
+        qa_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2)
+        if Q_REGS >= 1:
+            q_s = gl.convert_layout(q, qa_l)
+        else:
+            q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
         # second copy of Q (once); the score tile's columns hold the block's keys in the same order, so one copy of
         # each K block serves Q.Kᵀ and P2C's product (v44; K, V and the key mask are loaded in that order).
         spread = wb._spread(rows)
         if HAS_C2P:
-            qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
-                                             wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
+            if Q_REGS >= 2:
+                qs_s = gl.convert_layout(wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S), qa_l)
+            else:
+                qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
+                                                 wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
         # Block n's V in slot n % 2: the next block's V goes to the other slot, with no barrier after P.V (v25).
         # SLIM (v55): one slot each for V and C2P's window half (three programs a multiprocessor fit in shared
         # memory), block n's V copied after the barrier at its top and waited for before P.V.
@@ -181,8 +191,6 @@ if wb.gluon is not None:
             wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
             lo_s = wc_s.index(0)
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK, 16])
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -398,6 +406,7 @@ MAX_REGISTERS = None
 # accumulator); 2 = that, one shared slot each for V and C2P's window half and a cap of 168 registers, so that three
 # programs fit on a multiprocessor (74.7 KB of shared memory, 168 registers x 128 threads).
 VARIANT = 0
+# v56: 3 = VARIANT 1 with Q.Kᵀ's query operand in registers, 4 = also C2P's (shared memory bandwidth, not latency).
 
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
@@ -418,4 +427,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         WINDOW_ACC=gl.float16 if VARIANT and qkv.dtype == torch.float16 else gl.float32, SLIM=VARIANT == 2,
+        Q_REGS=max(VARIANT - 2, 0),
         **({"maxnreg": 168} if VARIANT == 2 else {} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
