@@ -261,14 +261,25 @@ if wb.gluon is not None:
             if HAS_P2C:
                 p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True, WINDOW_ACC)
             if HAS_C2P:
-                upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
+                if Q_REGS >= 2:  # a register operand is kept alive through the wait (its deps)
+                    upper, qs_s = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t, qs_s])
+                    upper = upper.to(dtype)
+                else:
+                    upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
                 c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
                 c2p_half = upper
-                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
+                if Q_REGS >= 1:
+                    s, q_s = warpgroup_mma_wait(HAS_P2C, deps=[s_t, q_s])
+                    s = s + c2p
+                else:
+                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
-                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
+                if Q_REGS >= 1:
+                    s, q_s = warpgroup_mma_wait(HAS_P2C, deps=[s_t, q_s])
+                else:
+                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
             if HAS_P2C:
                 p2c = warpgroup_mma_wait(0, deps=[p2c_t])
             gl.thread_barrier()  # every warp is done with k_s and the windows
