@@ -438,5 +438,5 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         WINDOW_ACC=gl.float16 if VARIANT and qkv.dtype == torch.float16 else gl.float32, SLIM=VARIANT == 2,
-        Q_REGS=max(VARIANT - 2, 0),
+        Q_REGS=max(VARIANT - 2, 0) if qkv.dtype == torch.float16 and head_dim == 64 else 0,
         **({"maxnreg": 168} if VARIANT == 2 else {} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
