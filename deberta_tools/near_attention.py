@@ -65,21 +65,16 @@ if wb.gluon is not None:
     @gluon.jit
     def _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n, j0, c2p_first, keys, rows, wins, dd, i0,
                    stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr,
-                   FIRST: gl.constexpr, BLOCK: gl.constexpr, SLIM: gl.constexpr = False, lo_s=None):
+                   FIRST: gl.constexpr, BLOCK: gl.constexpr):
         """The copies of the program's near block n (first key j0) that its products read, not committed: K in the
         score tile's key order (_spread, which P2C's product takes too); for P2C its window; for C2P its window's
         upper half into slot (n + 1) % 2 (the lower half is the previous block's, kept in registers), and with FIRST
         (n = 0) the lower half too."""
         _copy_tile(k_s, qkv_b, j0 + keys, stride_qkv_s, k_col, dd, S)
         if HAS_C2P:
-            if SLIM:  # one slot for the upper half; the first lower half into lo_s
-                if FIRST:
-                    _copy_rows(lo_s, c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                _copy_rows(wc_s, c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
-            else:
-                if FIRST:
-                    _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
-                _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
+            if FIRST:
+                _copy_rows(wc_s.index(0), c2p_rows, c2p_first, rows, stride_pos_p, dd)
+            _copy_rows(wc_s.index((n + 1) % 2), c2p_rows, c2p_first + (n + 1) * BLOCK, rows, stride_pos_p, dd)
         if HAS_P2C:
             _copy_rows(wp_s, p2c_rows, wb._p2c_window(i0 - j0, DIST_LO, DIST_N, BLOCK), wins, stride_pos_p, dd)
 
@@ -90,7 +85,6 @@ if wb.gluon is not None:
         OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
-        WINDOW_ACC: gl.constexpr = gl.float32, SLIM: gl.constexpr = False, Q_REGS: gl.constexpr = 0,
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
@@ -160,37 +154,21 @@ if wb.gluon is not None:
 
         op_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK, HEAD_DIM], dtype)
         win_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WIN, HEAD_DIM], dtype)
-        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK, 16])
-        # Q_REGS (v56): Q.Kᵀ's query operand (1), and C2P's (2), from registers instead of shared memory.
-        qa_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2)
-        if Q_REGS >= 1:
-            q_s = gl.convert_layout(q, qa_l)
-        else:
-            q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
+        q_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l, q)
         k_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
         # The window products take their rows in window_band._spread order (conflict-free stores of the skew): a
         # second copy of Q (once); the score tile's columns hold the block's keys in the same order, so one copy of
         # each K block serves Q.Kᵀ and P2C's product (v44; K, V and the key mask are loaded in that order).
         spread = wb._spread(rows)
         if HAS_C2P:
-            if Q_REGS >= 2:
-                qs_s = gl.convert_layout(wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S), qa_l)
-            else:
-                qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
-                                                 wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
+            qs_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l,
+                                             wb._load_tile(qkv_b, i0 + spread, stride_qkv_s, h * HEAD_DIM, dd, S))
         # Block n's V in slot n % 2: the next block's V goes to the other slot, with no barrier after P.V (v25).
-        # SLIM (v55): one slot each for V and C2P's window half (three programs a multiprocessor fit in shared
-        # memory), block n's V copied after the barrier at its top and waited for before P.V.
-        if SLIM:
-            v_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-            wc_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)
-            lo_s = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], op_l)  # the first lower half, before the loop
-        else:
-            v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
-            wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
-            lo_s = wc_s.index(0)
+        v_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)
+        wc_s = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], op_l)  # C2P's window rows, a half at a time
         wp_s = gl.allocate_shared_memory(dtype, [WIN, HEAD_DIM], win_l)
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK, 16])
         o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, HEAD_DIM, 16])
         p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -207,27 +185,22 @@ if wb.gluon is not None:
         # two blocks beyond both saturation bounds), so the windows are consecutive.
         c2p_first = wb._c2p_window(i0 - start * BLOCK, DIST_LO, DIST_N, BLOCK)
         c2p_half = gl.zeros([BLOCK, BLOCK], dtype, s_l)
-        if SLIM:
-            v_first = v_s
-        else:
-            v_first = v_s.index(0)
         # Copies straight to shared memory (cp.async), a block ahead, in two groups per block: the next block's V
         # (into the other of V's two slots) right after this block's first barrier, its K and windows as soon as this
         # block's products have read them; both land while the rest of this block runs, and one wait and barrier at
         # the top of each block covers all of them.
         if start < stop:
             _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, 0, start * BLOCK, c2p_first, spread, rows, wins, dd,
-                       i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, True, BLOCK, SLIM,
-                       lo_s)
+                       i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, True, BLOCK)
             async_copy.commit_group()
-            _copy_tile(v_first, qkv_b, start * BLOCK + spread, stride_qkv_s, v_col, dd, S)
+            _copy_tile(v_s.index(0), qkv_b, start * BLOCK + spread, stride_qkv_s, v_col, dd, S)
             async_copy.commit_group()
             if HAS_C2P:
                 async_copy.wait_group(1)
                 fence_async_shared()
                 gl.thread_barrier()
-                c2p_half = warpgroup_mma(qs_s, lo_s.permute((1, 0)),
-                                         gl.zeros([BLOCK, BLOCK], WINDOW_ACC, s_l), use_acc=False).to(dtype)
+                c2p_half = warpgroup_mma(qs_s, wc_s.index(0).permute((1, 0)),
+                                         gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False).to(dtype)
         for blk in range(start, stop):
             j0 = blk * BLOCK
             n = blk - start
@@ -235,58 +208,37 @@ if wb.gluon is not None:
             async_copy.wait_group(0)  # this block's K, windows and V
             fence_async_shared()
             gl.thread_barrier()
-            if SLIM:
-                if n > 0:  # this block's V, into the slot the previous block's P.V has read (the barrier above)
-                    _copy_tile(v_s, qkv_b, j0 + spread, stride_qkv_s, v_col, dd, S)
+            if more:
+                # The next block's V into the other slot, read last by the previous block's P.V (done: every warp
+                # waited for it before the barrier above). Issued here, it lands while this whole block runs, and
+                # this block's P.V needs no wait and no barrier of its own (v27).
+                _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + spread, stride_qkv_s, v_col, dd, S)
                 async_copy.commit_group()
-                wc_up = wc_s
-                v_cur = v_s
-            else:
-                wc_up = wc_s.index((n + 1) % 2)
-                v_cur = v_s.index(n % 2)
-            if not SLIM:
-                if more:
-                    # The next block's V into the other slot, read last by the previous block's P.V (done: every warp
-                    # waited for it before the barrier above). Issued here, it lands while this whole block runs, and
-                    # this block's P.V needs no wait and no barrier of its own (v27).
-                    _copy_tile(v_s.index((n + 1) % 2), qkv_b, j0 + BLOCK + spread, stride_qkv_s, v_col, dd, S)
-                    async_copy.commit_group()
             # The three products issued back to back (asynchronous wgmma): C2P's half first, skewed while Q.Kᵀ and
             # P2C's product are still on the tensor cores (v25).
             if HAS_C2P:
-                up_t = warpgroup_mma(qs_s, wc_up.permute((1, 0)),
-                                     gl.zeros([BLOCK, BLOCK], WINDOW_ACC, s_l), use_acc=False, is_async=True)
+                up_t = warpgroup_mma(qs_s, wc_s.index((n + 1) % 2).permute((1, 0)),
+                                     gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False, is_async=True)
             s_t = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([BLOCK, BLOCK], gl.float32, s_l), use_acc=False,
                                 is_async=True)
             if HAS_P2C:
-                p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True, WINDOW_ACC)
+                p2c_t = wb._window_product(k_s, wp_s, BLOCK, num_warps, True)
             if HAS_C2P:
-                if Q_REGS >= 2:  # a register operand is kept alive through the wait (its deps)
-                    upper, qs_s = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t, qs_s])
-                    upper = upper.to(dtype)
-                else:
-                    upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
+                upper = warpgroup_mma_wait(1 + HAS_P2C, deps=[up_t]).to(dtype)
                 # FREE (no barrier before the store): the barrier at the top of this block follows every warp's
                 # read of the product buffer in the block before.
                 c2p = wb._skew_halves(c2p_half, upper, dtype, BLOCK, s_l, True, True)
                 c2p_half = upper
-                if Q_REGS >= 1:
-                    s, q_s = warpgroup_mma_wait(HAS_P2C, deps=[s_t, q_s])
-                    s = s + c2p
-                else:
-                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
+                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t]) + c2p
             else:
-                if Q_REGS >= 1:
-                    s, q_s = warpgroup_mma_wait(HAS_P2C, deps=[s_t, q_s])
-                else:
-                    s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
+                s = warpgroup_mma_wait(HAS_P2C, deps=[s_t])
             if HAS_P2C:
                 p2c = warpgroup_mma_wait(0, deps=[p2c_t])
             gl.thread_barrier()  # every warp is done with k_s and the windows
             if more:  # the next block's; its upper half goes where this block's lower half was
                 _copy_keys(k_s, wc_s, wp_s, qkv_b, c2p_rows, p2c_rows, n + 1, j0 + BLOCK, c2p_first, spread, rows,
                            wins, dd, i0, stride_qkv_s, k_col, stride_pos_p, S, DIST_LO, DIST_N, HAS_C2P, HAS_P2C, False,
-                           BLOCK, SLIM, lo_s)
+                           BLOCK)
                 async_copy.commit_group()
             if HAS_P2C:  # FREE: the barrier after the products follows every warp's read of C2P's skew
                 s += wb._skew_mma(p2c, dtype, True, BLOCK, s_l, True, True)
@@ -304,14 +256,7 @@ if wb.gluon is not None:
             l_i = l_i * alpha + gl.sum(p, 1)
             m_i = m_new
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-            if SLIM:  # this block's V (the next block's K and windows may still be landing)
-                if more:
-                    async_copy.wait_group(1)
-                else:
-                    async_copy.wait_group(0)
-                fence_async_shared()
-                gl.thread_barrier()
-            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_cur, acc)
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_l), v_s.index(n % 2), acc)
 
         r_o = i0 + wb._spread_queries(gl.arange(0, BLOCK, layout=gl.SliceLayout(1, o_l)))
         d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
@@ -413,12 +358,6 @@ def near_output(qkv: torch.Tensor, mask: torch.Tensor, ranges: torch.Tensor, pos
 # dimension 64: two programs per multiprocessor). Caps of 168 and 128 spilled and were slower (NOTES.md, v12).
 MAX_REGISTERS = None
 
-# v55 (experiment): 1 = C2P's and P2C's window products accumulated in fp16 (fp16 inputs only; wgmma has no bf16
-# accumulator); 2 = that, one shared slot each for V and C2P's window half and a cap of 168 registers, so that three
-# programs fit on a multiprocessor (74.7 KB of shared memory, 168 registers x 128 threads).
-VARIANT = 0
-# v56: 3 = VARIANT 1 with Q.Kᵀ's query operand in registers, 4 = also C2P's (shared memory bandwidth, not latency).
-
 
 def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, saturation, qk_scale, splits,
             acc, ml, edges, out, dependents=False):
@@ -437,6 +376,4 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
-        WINDOW_ACC=gl.float16 if VARIANT and qkv.dtype == torch.float16 else gl.float32, SLIM=VARIANT == 2,
-        Q_REGS=max(VARIANT - 2, 0) if qkv.dtype == torch.float16 and head_dim == 64 else 0,
-        **({"maxnreg": 168} if VARIANT == 2 else {} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))
+        **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -85,14 +85,13 @@ if gluon is not None:
         return _skew_mma(_window_product(x_s, w_s, BLOCK, num_warps), dtype, TRANSPOSE, BLOCK, out_l)
 
     @gluon.jit
-    def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr, IS_ASYNC: gl.constexpr = False,
-                        ACC: gl.constexpr = gl.float32):
-        """x . wᵀ [BLOCK, 2 * BLOCK] on the tensor cores, from shared memory, accumulated in ACC (float32, or fp16
-        for fp16 operands); with IS_ASYNC the wgmma's token, for warpgroup_mma_wait."""
+    def _window_product(x_s, w_s, BLOCK: gl.constexpr, num_warps: gl.constexpr, IS_ASYNC: gl.constexpr = False):
+        """x . wᵀ [BLOCK, 2 * BLOCK] float32 on the tensor cores, from shared memory (with IS_ASYNC the wgmma's
+        token, for warpgroup_mma_wait)."""
         WIN: gl.constexpr = 2 * BLOCK
         mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, WIN, 16])
-        return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], ACC, mma_l), use_acc=False,
+        return warpgroup_mma(x_s, w_s.permute((1, 0)), gl.zeros([BLOCK, WIN], gl.float32, mma_l), use_acc=False,
                              is_async=IS_ASYNC)
 
     @gluon.jit

@@ -457,10 +457,6 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
-    parser.add_argument("--near-variant", type=int, nargs="+", metavar="N",
-                        help="A/B of near_attention.VARIANT (v55), these values in this order")
-    parser.add_argument("--models-variant", type=int, metavar="N",
-                        help="with --models-only: near_attention.VARIANT for the fused models")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -518,17 +514,11 @@ def main():
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
         return
-    if args.near_variant:
-        flag_ab("VARIANT", args.near_variant, near_attention)
-        return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",
                          backends=True)
         return
     if args.models_only:
-        if args.models_variant is not None:
-            near_attention.VARIANT = args.models_variant
-            print(f"near_attention.VARIANT {near_attention.VARIANT}")
         index_check()
         model_check(["seed", "v3-xsmall", "v3-base", "v3-large"], [512, 777], batch=4)
         return

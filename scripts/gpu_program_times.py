@@ -72,9 +72,7 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
-    parser.add_argument("--near-variant", type=int, default=0, help="near_attention.VARIANT (v55)")
     args = parser.parse_args()
-    near_attention.VARIANT = args.near_variant
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
     if args.no_overlap:
@@ -83,8 +81,7 @@ def main():
     print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
           triton.__version__)
     print(f"recorded {'from the host' if args.eager else 'in a CUDA graph'}; OVERLAP_NEAR_TAIL "
-          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}, near VARIANT "
-          f"{near_attention.VARIANT}")
+          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}")
     rows = []
     for seq in args.seq_len:
         launches, plain = recorded_layer(seq, args.batch_size, eager=args.eager)
