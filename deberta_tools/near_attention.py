@@ -82,7 +82,7 @@ if wb.gluon is not None:
     def _near_attention_kernel(
         QKV, stride_qkv_b, stride_qkv_s, POS, stride_pos_t, stride_pos_h, stride_pos_p, C2P_TERM, P2C_TERM,
         DIST_LO, DIST_N, MASK, stride_mask_b, RANGES, ACC, ML, EDGES, stride_edge_b, stride_edge_h, ROWS,
-        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES,
+        OUT, stride_out_b, stride_out_s, S, H, H0, G, SAT_HI, SAT_LO, qk_scale, SPLITS, TIMES, FIRST_SHARE,
         HAS_C2P: gl.constexpr, HAS_P2C: gl.constexpr, FINAL: gl.constexpr, HEAD_DIM: gl.constexpr,
         BLOCK: gl.constexpr, RECORD: gl.constexpr, DEPENDENTS: gl.constexpr, num_warps: gl.constexpr,
     ):
@@ -142,6 +142,10 @@ if wb.gluon is not None:
         per = (lo_start - hi_end + SPLITS - 1) // SPLITS
         start = gl.minimum(hi_end + part * per, lo_start)
         stop = gl.minimum(start + per, lo_start)
+        if (FIRST_SHARE > 0) & (SPLITS == 2):  # v58: part 0 takes FIRST_SHARE % of the near blocks (rounded up)
+            k = ((lo_start - hi_end) * FIRST_SHARE + 99) // 100
+            start = gl.where(part == 0, hi_end, hi_end + k)
+            stop = gl.where(part == 0, hi_end + k, lo_start)
 
         # The saturated tiles' C2P vectors of this block's queries, whenever the block holds a token between the
         # first and last valid ones (the Triton kernel reads them for every query block with a valid query; its
@@ -297,6 +301,9 @@ def _multiprocessors(device: torch.device) -> int:
 # 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, slower at 1536 and 2 x 1024, and taken only
 # at 2048 it left the forward where it was: v39.)
 PROGRAMS_PER_SM = 4
+# v58 (experiment): with two near parts a query block, the share (percent) of its near blocks the first part takes (0:
+# even halves).
+FIRST_SHARE = 0
 OVERLAP_PROGRAMS_PER_SM = 2
 
 
@@ -374,6 +381,7 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
+        FIRST_SHARE,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

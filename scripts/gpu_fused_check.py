@@ -457,6 +457,8 @@ def main():
                         help="A/B of near_attention.PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
+    parser.add_argument("--first-share", type=int, nargs="+", metavar="PERCENT",
+                        help="A/B of near_attention.FIRST_SHARE (v58), these values in this order")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")
@@ -513,6 +515,9 @@ def main():
         return
     if args.overlap_programs_per_sm:
         flag_ab("OVERLAP_PROGRAMS_PER_SM", args.overlap_programs_per_sm, near_attention)
+        return
+    if args.first_share:
+        flag_ab("FIRST_SHARE", args.first_share, near_attention)
         return
     if args.attention_layers:
         attention_layers([(1, 768), (1, 1024), (1, 1536), (1, 2048), (2, 1024), (1, 4096), (1, 8192)], "default",

@@ -72,7 +72,9 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
+    parser.add_argument("--first-share", type=int, default=0, help="near_attention.FIRST_SHARE (v58)")
     args = parser.parse_args()
+    near_attention.FIRST_SHARE = args.first_share
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
     if args.no_overlap:
@@ -81,7 +83,8 @@ def main():
     print("device:", torch.cuda.get_device_name(), f"({sms} SMs) | torch", torch.__version__, "| triton",
           triton.__version__)
     print(f"recorded {'from the host' if args.eager else 'in a CUDA graph'}; OVERLAP_NEAR_TAIL "
-          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}")
+          f"{fa.OVERLAP_NEAR_TAIL}, OVERLAP_PROGRAMS_PER_SM {near_attention.OVERLAP_PROGRAMS_PER_SM}, FIRST_SHARE "
+          f"{near_attention.FIRST_SHARE}")
     rows = []
     for seq in args.seq_len:
         launches, plain = recorded_layer(seq, args.batch_size, eager=args.eager)
