@@ -88,7 +88,8 @@ if wb.gluon is not None:
     ):
         """ACC[bg, part, i, :], ML[bg, part, 0, i], ML[bg, part, 1, i]: the unnormalised output, running maximum (log2
         units, scale included) and running sum of query i over part `part` of its near key blocks (those
-        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks); EDGES as window_band writes them
+        `_attention_kernel` would visit, in SPLITS runs of consecutive blocks, or with FIRST_SHARE > 0 (SPLITS 2) the
+        first FIRST_SHARE % of them and the rest); EDGES as window_band writes them
         (not with DEPENDENTS). FINAL (every key block near, one part): OUT[b, i, h * D:(h + 1) * D], the layer's
         context, instead.
         RECORD: each program's times into TIMES (`program_times`; its Triton functions hold only scalars, which Gluon
@@ -142,7 +143,7 @@ if wb.gluon is not None:
         per = (lo_start - hi_end + SPLITS - 1) // SPLITS
         start = gl.minimum(hi_end + part * per, lo_start)
         stop = gl.minimum(start + per, lo_start)
-        if (FIRST_SHARE > 0) & (SPLITS == 2):  # v58: part 0 takes FIRST_SHARE % of the near blocks (rounded up)
+        if FIRST_SHARE > 0:  # two parts: the first FIRST_SHARE % of the near blocks, rounded up (FIRST_SHARE)
             k = ((lo_start - hi_end) * FIRST_SHARE + 99) // 100
             start = gl.where(part == 0, hi_end, hi_end + k)
             stop = gl.where(part == 0, hi_end + k, lo_start)
@@ -301,9 +302,14 @@ def _multiprocessors(device: torch.device) -> int:
 # 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, slower at 1536 and 2 x 1024, and taken only
 # at 2048 it left the forward where it was: v39.)
 PROGRAMS_PER_SM = 4
-# v58 (experiment): with two near parts a query block, the share (percent) of its near blocks the first part takes (0:
-# even halves).
-FIRST_SHARE = 0
+# With two near parts a query block and the kernel after this one overlapping it, the share (percent) of a query
+# block's near blocks its first part takes (0: even halves). The kernel after the near kernel is let in once the last
+# near program has started; with the first wave's second parts short, the rest of the near programs start sooner and
+# so does it, while the long first parts run beside its first programs. On an H100, demo config, one layer at
+# 1 x 2048 48.0 -> 44.6 us with 60 (SDPA 22.5-23.3), 1536 32.6 -> 32.1, 2 x 1024 32.8 -> 32.2; a forward at 2048
+# 1.079 -> 1.035 ms; 70 was slower than 60 (NOTES.md, v58). Not where the overlap is off: at 4096 (no overlap, two
+# parts) 60 took 121 us against 116.
+FIRST_SHARE = 60
 OVERLAP_PROGRAMS_PER_SM = 2
 
 
@@ -381,7 +387,7 @@ def _launch(qkv, mask, ranges, positions, heads, head_dim, h0, group, rows, satu
         dist_lo, pos.shape[2], mask, mask.stride(0), ranges, acc, ml,
         edges, *edge_strides, rows, out, out.stride(0), out.stride(1),
         seq, heads, h0, group, saturation[0], saturation[1], qk_scale, splits, qkv if times is None else times,
-        FIRST_SHARE,
+        FIRST_SHARE if dependents and splits == 2 else 0,
         HAS_C2P=positions.c2p_term is not None, HAS_P2C=positions.p2c_term is not None, FINAL=final,
         HEAD_DIM=head_dim, BLOCK=wb.BLOCK, RECORD=times is not None, DEPENDENTS=dependents, num_warps=4,
         **({} if MAX_REGISTERS is None else {"maxnreg": MAX_REGISTERS}))

@@ -458,7 +458,7 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int, nargs="+", metavar="N",
                         help="A/B of near_attention.OVERLAP_PROGRAMS_PER_SM over these values, alternating")
     parser.add_argument("--first-share", type=int, nargs="+", metavar="PERCENT",
-                        help="A/B of near_attention.FIRST_SHARE (v58), these values in this order")
+                        help="A/B of near_attention.FIRST_SHARE (NOTES.md v58), these values in this order")
     parser.add_argument("--models-only", action="store_true",
                         help="only the index check and the fp16 / bf16 whole-model checks (4 shapes, 512 and 777 "
                              "tokens, batch 4, padded)")

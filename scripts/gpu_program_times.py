@@ -72,9 +72,11 @@ def main():
     parser.add_argument("--overlap-programs-per-sm", type=int,
                         help="near_attention.OVERLAP_PROGRAMS_PER_SM for the run (default: the module's)")
     parser.add_argument("--no-overlap", action="store_true", help="fused_attention.OVERLAP_NEAR_TAIL off")
-    parser.add_argument("--first-share", type=int, default=0, help="near_attention.FIRST_SHARE (v58)")
+    parser.add_argument("--first-share", type=int,
+                        help="near_attention.FIRST_SHARE for the run (default: the module's)")
     args = parser.parse_args()
-    near_attention.FIRST_SHARE = args.first_share
+    if args.first_share is not None:
+        near_attention.FIRST_SHARE = args.first_share
     if args.overlap_programs_per_sm is not None:
         near_attention.OVERLAP_PROGRAMS_PER_SM = args.overlap_programs_per_sm
     if args.no_overlap:

@@ -266,6 +266,23 @@ def test_near_tail_overlap_matches_triton_band(monkeypatch, name):
     assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{name}: {overlapped:.3e} vs {triton_band:.3e}"
 
 
+@pytest.mark.skipif(not HOPPER, reason="the near attention (Gluon, wgmma) runs on compute capability 9.x GPUs")
+@pytest.mark.parametrize("share", [60, 100])
+def test_near_tail_overlap_uneven_parts(monkeypatch, share):
+    """near_attention.FIRST_SHARE under the overlap: two near parts a query block, the first taking `share` % of its
+    near blocks (100: the second part has none and leaves an empty state), against the Triton band as above."""
+    monkeypatch.setattr(fa, "OVERLAP_NEAR_TAIL", True)
+    monkeypatch.setattr(near_attention, "FIRST_SHARE", share)
+    monkeypatch.setattr(near_attention, "splits_for", lambda *a, **k: 2)
+    taken = []
+    monkeypatch.setattr(fa, "_overlaps", lambda *a, real=fa._overlaps: taken.append(real(*a)) or taken[-1])
+    kw = dict(batch=3, seq=300, dtype=torch.float16, hidden_size=128)
+    overlapped, _ = _attention_case("v3", band_kernel="near", **kw)
+    assert any(taken), "the dependent launch was not taken"
+    triton_band, _ = _attention_case("v3", band_kernel="triton", **kw)
+    assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{overlapped:.3e} vs {triton_band:.3e}"
+
+
 @pytest.mark.parametrize("seq", [1, 64, 300, 512, 513, 700, 2048])
 @pytest.mark.parametrize("rule", [fa.PositionRule(256, 256, 512), fa.PositionRule(8, 8, 16),
                                   fa.PositionRule(64, -1, 64)])
