@@ -20,8 +20,9 @@ are enough to fill the GPU, each program writes its rows of the context and the 
 launch (`near_output`, `finishes`). Elsewhere (`near_state`) each program writes its softmax state (acc, running
 max, running sum): the Triton attention kernel starts from that state and adds the saturated tiles
 (`fused_attention._attention_kernel`, NEAR_STATE); when query blocks are too few to fill the GPU, several programs
-share one query block's near blocks (`splits_for`) and the Triton kernel merges their states. The state is [rows, D]
-float32 per head and split: 12 MiB at 8192 tokens for the demo config, where the window band's band was 107 MiB.
+share one query block's near blocks (`splits_for`; two of them unevenly under the overlap, `FIRST_SHARE`) and the
+Triton kernel merges their states. The state is [rows, D] float32 per head and split: 12 MiB at 8192 tokens for the
+demo config, where the window band's band was 107 MiB.
 The first program of each query block also writes the saturated tiles' C2P vectors of its rows, as window_band
 does. The default on Hopper (`fused_attention.band_kernel_for`) except where every tile is near and query blocks
 are few (batch 1 x 512 tokens for the demo config), where the window band is 3% faster; at 32 x 512 tokens a forward
@@ -143,7 +144,7 @@ if wb.gluon is not None:
         per = (lo_start - hi_end + SPLITS - 1) // SPLITS
         start = gl.minimum(hi_end + part * per, lo_start)
         stop = gl.minimum(start + per, lo_start)
-        if FIRST_SHARE > 0:  # two parts: the first FIRST_SHARE % of the near blocks, rounded up (FIRST_SHARE)
+        if FIRST_SHARE > 0:  # two parts, the first taking FIRST_SHARE % of the near blocks (rounded up)
             k = ((lo_start - hi_end) * FIRST_SHARE + 99) // 100
             start = gl.where(part == 0, hi_end, hi_end + k)
             stop = gl.where(part == 0, hi_end + k, lo_start)
@@ -302,15 +303,17 @@ def _multiprocessors(device: torch.device) -> int:
 # 0.656 ms, 1536 0.900 -> 0.839. (1 is faster at 1 x 2048, 48.5 us, slower at 1536 and 2 x 1024, and taken only
 # at 2048 it left the forward where it was: v39.)
 PROGRAMS_PER_SM = 4
-# With two near parts a query block and the kernel after this one overlapping it, the share (percent) of a query
-# block's near blocks its first part takes (0: even halves). The kernel after the near kernel is let in once the last
-# near program has started; with the first wave's second parts short, the rest of the near programs start sooner and
-# so does it, while the long first parts run beside its first programs. On an H100, demo config, one layer at
-# 1 x 2048 48.0 -> 44.6 us with 60 (SDPA 22.5-23.3), 1536 32.6 -> 32.1, 2 x 1024 32.8 -> 32.2; a forward at 2048
-# 1.079 -> 1.035 ms; 70 was slower than 60 (NOTES.md, v58). Not where the overlap is off: at 4096 (no overlap, two
-# parts) 60 took 121 us against 116.
-FIRST_SHARE = 60
 OVERLAP_PROGRAMS_PER_SM = 2
+
+# With two near parts a query block and the kernel after this one overlapping it, the share (percent, rounded up) of a
+# query block's near blocks its first part takes; 0: even halves. The kernel after the near kernel is let in once the
+# last near program has started: with the first wave's second parts short, the rest of the near programs start sooner
+# and so does it, while the long first parts run beside its first programs. On an H100, demo config, one layer at
+# 1 x 2048 48.0-48.5 -> 44.6-45.4 us with 60 (SDPA's pick 22.5-23.3), 1536 ~32.6 -> ~32.2, 2 x 1024 ~33 -> 32.1; a
+# forward at 2048 1.079-1.086 -> 1.035-1.039 ms; 55 and 65 (the 10 / 7 and 12 / 5 splits of a 17-block query block)
+# and 70 were slower than 60 (NOTES.md, v58). Not taken where the overlap is off: at 4096 (no overlap, two parts) 60
+# took 121 us against 116.
+FIRST_SHARE = 60
 
 
 def splits_for(device: torch.device, query_blocks: int, programs: int, slots: int, overlapped: bool = False) -> int:

@@ -276,9 +276,20 @@ def test_near_tail_overlap_uneven_parts(monkeypatch, share):
     monkeypatch.setattr(near_attention, "splits_for", lambda *a, **k: 2)
     taken = []
     monkeypatch.setattr(fa, "_overlaps", lambda *a, real=fa._overlaps: taken.append(real(*a)) or taken[-1])
+    kernel = near_attention._near_attention_kernel
+    shares = []
+
+    class Spy:  # the share each near launch was given
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                shares.append(args[kernel.arg_names.index("FIRST_SHARE")])
+                return kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(near_attention, "_near_attention_kernel", Spy())
     kw = dict(batch=3, seq=300, dtype=torch.float16, hidden_size=128)
     overlapped, _ = _attention_case("v3", band_kernel="near", **kw)
     assert any(taken), "the dependent launch was not taken"
+    assert shares and all(x == share for x in shares), shares
     triton_band, _ = _attention_case("v3", band_kernel="triton", **kw)
     assert overlapped < 1.02 * triton_band and overlapped < 1e-2, f"{overlapped:.3e} vs {triton_band:.3e}"
 
