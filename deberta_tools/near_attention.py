@@ -309,10 +309,10 @@ OVERLAP_PROGRAMS_PER_SM = 2
 # query block's near blocks its first part takes; 0: even halves. The kernel after the near kernel is let in once the
 # last near program has started: with the first wave's second parts short, the rest of the near programs start sooner
 # and so does it, while the long first parts run beside its first programs. On an H100, demo config, one layer at
-# 1 x 2048 48.0-48.5 -> 44.6-45.4 us with 60 (SDPA's pick 22.5-23.3), 1536 ~32.6 -> ~32.2, 2 x 1024 ~33 -> 32.1; a
-# forward at 2048 1.079-1.086 -> 1.035-1.039 ms; 55 and 65 (the 10 / 7 and 12 / 5 splits of a 17-block query block)
-# and 70 were slower than 60 (NOTES.md, v58). Not taken where the overlap is off: at 4096 (no overlap, two parts) 60
-# took 121 us against 116.
+# 1 x 2048 48.0-48.5 -> 44.6-45.4 us with 60 (SDPA's pick 22.5-23.3), 1536 32.5-32.8 -> 32.0-32.3, 2 x 1024
+# 32.8-33.2 -> 32.1-32.3; a forward at 2048 1.079-1.086 -> 1.035-1.039 ms; 55 and 65 (the 10 / 7 and 12 / 5 splits
+# of a 17-block query block) and 70 were slower than 60 (NOTES.md, v58). Not taken where the overlap is off: at 4096
+# (no overlap, two parts) 60 took 121 us against 116.
 FIRST_SHARE = 60
 
 
