@@ -234,11 +234,11 @@ def masked_stages(settings):
 
 def flag_ab(flag, settings, module=fa):
     """A/B of a setting of fused_attention (SATURATED_TMA, OVERLAP_NEAR_TAIL) or of another module (near_attention's
-    PROGRAMS_PER_SM, OVERLAP_PROGRAMS_PER_SM, FIRST_SHARE), alternating: first the layer's output with each value against the
-    first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens, 2 x 1000 with
-    1000 and 700 and a hole; the values differ only in how the same products are scheduled or summed, so they must
-    agree to fp16 rounding); then one attention layer at 1 x 768 ... 4096, 2 x 1024 and 4 x 2048 against SDPA, and
-    the whole model at 1 x 1024, 1536, 2048, 8192 and 32 x 512, per value."""
+    PROGRAMS_PER_SM, OVERLAP_PROGRAMS_PER_SM, FIRST_SHARE), alternating: first the layer's output with each value
+    against the first on padded batches small enough for OVERLAP_NEAR_TAIL's grid rule (1 x 2048 with 1500 tokens,
+    2 x 1000 with 1000 and 700 and a hole; the values differ only in how the same products are scheduled or summed,
+    so they must agree to fp16 rounding); then one attention layer at 1 x 768 ... 4096, 2 x 1024 and 4 x 2048
+    against SDPA, and the whole model at 1 x 1024, 1536, 2048, 8192 and 32 x 512, per value."""
     original = getattr(module, flag)
     values = list(dict.fromkeys(settings))
     try:
